@@ -1,0 +1,43 @@
+"""X-Fusion on a 2-core CPU: the real frozen SmolLM2-135M-Instruct learns to
+caption and draw Fashion-MNIST.
+
+Set-up (once):
+  python -m xfusion_jax.data.prepare --dataset=fashion_mnist_captions
+  python -m xfusion_jax.autoencoder.train_demo \
+      --config=configs/autoencoder_demo.py --workdir=/tmp/ae_demo
+  python -m xfusion_jax.data.encode_latents \
+      --dataset=fashion_mnist_captions --autoencoder=/tmp/ae_demo
+Then:
+  python -m xfusion_jax.train --config=configs/cpu_demo.py \
+      --config.latent_dataset=FOLDER --config.autoencoder=/tmp/ae_demo \
+      --workdir=/tmp/xfusion_demo
+
+The demo autoencoder maps 28x28 images to 7x7x4 latents, so one latent
+pixel is one image token (patch size 1, 49 tokens per image).
+"""
+
+from xfusion_jax.train import config as config_lib
+from xfusion_jax.xfusion import task
+
+
+def get_config():
+  config = task.add_fields(config_lib.base_config())
+  # float32: CPUs without native bf16 run it faster.
+  config.dtype = "float32"
+  config.latent_size = (7, 7)
+  config.latent_channels = 4
+  config.patch_size = 1
+  config.max_caption_tokens = 12
+  config.total_steps = 2000
+  config.batch_size = 16
+  config.learning_rate = 3e-4
+  config.warmup_steps = 100
+  config.weight_decay = 0.0
+  config.checkpoint_every = 250
+  config.log_every = 25
+  config.sample_every = 500
+  config.sample_prompts = ("a photo of a sneaker", "a photo of a trouser",
+                           "a photo of a bag", "a photo of a dress")
+  config.sample_cfg_scale = 3.0
+  config.sample_steps = 20
+  return config

@@ -1,0 +1,1 @@
+"""xfusion_jax: train new towers beside a frozen pretrained LLM."""

@@ -1,0 +1,1 @@
+"""Image-caption datasets (TFDS ArrayRecord) and their Grain pipelines."""

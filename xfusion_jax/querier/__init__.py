@@ -1,0 +1,1 @@
+"""Querier-aware responder: one responder answers a query by who asks it."""

@@ -1,0 +1,1 @@
+"""The generic training loop and the model families it trains."""

@@ -1,0 +1,166 @@
+"""Orbax checkpoints of the train state, the data iterator and metadata.
+
+A checkpoint contains three items: `state` (step, trainable parameters,
+optimizer state), `data` (the Grain iterator position of every process,
+written by Grain's own Orbax handler) and `metadata` (JSON: the frozen
+model's source and the config). The frozen model itself is never written;
+its source is checked on restore instead.
+
+Orbax writes each checkpoint into a temporary folder and renames it once
+every item is complete, so a process killed during a save leaves the
+previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from typing import Any
+
+from absl import logging
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+STATE = "state"
+DATA = "data"
+METADATA = "metadata"
+
+# Files whose contents define a Hugging Face model's weights.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def hash_weight_files(model_dir: str | os.PathLike[str]) -> str:
+  """Return the SHA-256 of a model folder's config and weight files.
+
+  Files are hashed in name order, each preceded by its name, so renaming a
+  shard changes the hash too.
+  """
+  model_dir = pathlib.Path(model_dir)
+  names = sorted(p.name for p in model_dir.iterdir()
+                 if p.name == "config.json" or p.suffix in _WEIGHT_SUFFIXES)
+  if not any(pathlib.Path(n).suffix in _WEIGHT_SUFFIXES for n in names):
+    raise ValueError(f"No weight files ({', '.join(_WEIGHT_SUFFIXES)}) found "
+                     f"in {model_dir}.")
+  digest = hashlib.sha256()
+  for name in names:
+    digest.update(name.encode() + b"\0")
+    with open(model_dir / name, "rb") as f:
+      while chunk := f.read(1 << 24):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+class FrozenSourceMismatchError(ValueError):
+  """The checkpoint was trained beside different frozen weights."""
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints under `directory`.
+
+  Saves are asynchronous: `save` returns once the arrays are copied off the
+  device, and the files are written in the background. Call `close` (or
+  `wait_until_finished`) before the process exits.
+  """
+
+  def __init__(self, directory: str | os.PathLike[str],
+               config: ml_collections.ConfigDict,
+               frozen_source: dict[str, str]):
+    self._config = config
+    self._frozen_source = dict(frozen_source)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints,
+        enable_async_checkpointing=True,
+        create=True,
+    )
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=options,
+        item_names=(STATE, DATA, METADATA))
+
+  @property
+  def directory(self) -> pathlib.Path:
+    return pathlib.Path(self._manager.directory)
+
+  def latest_step(self) -> int | None:
+    """Return the step of the latest complete checkpoint, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    """Start an asynchronous save of `state` and the iterator position."""
+    metadata = {
+        "step": step,
+        "frozen_source": self._frozen_source,
+        "config": self._config.to_json_best_effort(),
+    }
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state),
+            DATA: grain.checkpoint.CheckpointSave(data_iterator),
+            METADATA: ocp.args.JsonSave(metadata),
+        }),
+        force=True)
+    logging.info("Started saving the checkpoint of step %d to %s.", step,
+                 self.directory)
+
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+    """Restore the state of `step` and move `data_iterator` to its position.
+
+    Args:
+      step: a step listed by `all_steps`.
+      abstract_state: tree of `jax.ShapeDtypeStruct` with shardings, the
+        structure the state is restored into.
+      data_iterator: the freshly created Grain iterator; it is modified in
+        place.
+
+    Raises:
+      FrozenSourceMismatchError: if the checkpoint records frozen weights
+        with another hash than this run's.
+    """
+    metadata = self._manager.restore(
+        step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
+    self._check_frozen_source(step, metadata[METADATA]["frozen_source"])
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(abstract_state),
+            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+        }))
+    logging.info("Restored the checkpoint of step %d from %s.", step,
+                 self.directory)
+    return restored[STATE]
+
+  def _check_frozen_source(self, step: int, saved: dict[str, str]) -> None:
+    saved_hash = saved.get("weights_sha256")
+    current_hash = self._frozen_source.get("weights_sha256")
+    if saved_hash != current_hash:
+      raise FrozenSourceMismatchError(
+          f"The checkpoint of step {step} in {self.directory} was trained "
+          f"beside frozen weights {saved.get('path')!r} with SHA-256 "
+          f"{saved_hash}, but this run loads {self._frozen_source.get('path')!r}"
+          f" with SHA-256 {current_hash}. Point the config at the original "
+          "frozen model, or start a new run in an empty --workdir.")
+    if saved.get("path") != self._frozen_source.get("path"):
+      logging.warning(
+          "The frozen weights moved from %s to %s; their hash is unchanged.",
+          saved.get("path"), self._frozen_source.get("path"))
+
+  def reached_preemption(self, step: int) -> bool:
+    """Return whether every process reached a preemption notice's sync step.
+
+    Always False without `jax.distributed.initialize`.
+    """
+    return self._manager.reached_preemption(step)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Wait for pending saves, then release the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
