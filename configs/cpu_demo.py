@@ -1,16 +1,14 @@
 """X-Fusion on a 2-core CPU: the real frozen SmolLM2-135M-Instruct learns to
 caption and draw Fashion-MNIST.
 
-Set-up (once):
-  python -m xfusion_jax.data.prepare --dataset=fashion_mnist_captions
-  python -m xfusion_jax.autoencoder.train_demo \
-      --config=configs/autoencoder_demo.py --workdir=/tmp/ae_demo
-  python -m xfusion_jax.data.encode_latents \
-      --dataset=fashion_mnist_captions --autoencoder=/tmp/ae_demo
-Then:
   python -m xfusion_jax.train --config=configs/cpu_demo.py \
-      --config.latent_dataset=FOLDER --config.autoencoder=/tmp/ae_demo \
-      --workdir=/tmp/xfusion_demo
+      --workdir=workdirs/cpu_demo
+  python -m xfusion_jax.evaluate --workdir=workdirs/cpu_demo
+
+The first run also builds, once, into the asset cache: the captioned
+Fashion-MNIST dataset, the demo autoencoder (configs/autoencoder_demo.py)
+and its latents. Pass --config.latent_dataset and --config.autoencoder to
+train on latents written by `python -m xfusion_jax.data.encode_latents`.
 
 The demo autoencoder maps 28x28 images to 7x7x4 latents, so one latent
 pixel is one image token (patch size 1, 49 tokens per image).
@@ -22,6 +20,7 @@ from xfusion_jax.xfusion import task
 
 def get_config():
   config = task.add_fields(config_lib.base_config())
+  config.demo_data = True
   # float32: CPUs without native bf16 run it faster.
   config.dtype = "float32"
   config.latent_size = (7, 7)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import torch
 import transformers
@@ -91,3 +92,18 @@ def reference_logits(model, input_ids, attention_mask=None):
         attention_mask=None if attention_mask is None else
         torch.as_tensor(attention_mask))
   return out.logits.float().numpy()
+
+
+def save_tiny_llama_with_smollm2_tokenizer(path: pathlib.Path) -> pathlib.Path:
+  """A tiny random Llama with SmolLM2's real tokenizer and vocabulary."""
+  from xfusion_jax.llm import gguf_convert  # pylint: disable=g-import-not-at-top
+  smollm2 = gguf_convert.smollm2_135m_instruct()
+  model = build_model(
+      tiny_config("llama", vocab_size=49152, eos_token_id=2, pad_token_id=2,
+                  bos_token_id=1))
+  path = save_model(model, path)
+  for name in ("tokenizer.json", "tokenizer_config.json",
+               "chat_template.jinja"):
+    if (smollm2 / name).exists():
+      shutil.copy(smollm2 / name, path / name)
+  return path

@@ -1,6 +1,5 @@
 """The alignment loss wired into X-Fusion training on real emoji latents."""
 
-import shutil
 
 import flax.linen as nn
 import jax
@@ -9,13 +8,11 @@ import numpy as np
 import pytest
 
 import hf_models
+import latent_data
 from xfusion_jax import encoders
 from xfusion_jax import llm
-from xfusion_jax.autoencoder import interface
-from xfusion_jax.autoencoder import modules
 from xfusion_jax.data import datasets
 from xfusion_jax.data import encode_latents
-from xfusion_jax.llm import gguf_convert
 from xfusion_jax.train import loop
 from xfusion_jax.xfusion import alignment
 from xfusion_jax.xfusion import model as xf
@@ -31,35 +28,19 @@ FEATURE_IMAGE_SIZE = 64
 def fixture_latent_datasets(tmp_path_factory):
   """Emoji latents without and with EfficientNet-Lite0 features."""
   data_dir = tmp_path_factory.mktemp("tfds")
-  datasets.prepare("emoji_captions", data_dir)
-  config = modules.AutoencoderConfig(
-      block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-      latent_channels=4, scaling_factor=1.0)
-  autoencoder = interface.ImageAutoencoder(
-      config, interface.init_params(config, jax.random.key(0), 64))
-  autoencoder.save(data_dir / "autoencoder")
-  plain = encode_latents.encode_latents("emoji_captions", autoencoder,
-                                        data_dir=data_dir, batch_size=200)
+  plain, _ = latent_data.emoji_latents(data_dir)
   encoder = encoders.load_efficientnet_lite0(FEATURE_IMAGE_SIZE)
-  with_features = encode_latents.encode_latents(
-      "emoji_captions", autoencoder, data_dir=data_dir, batch_size=200,
-      feature_encoder=encoder, feature_encoder_name="efficientnet_lite0")
+  with_features, _ = latent_data.emoji_latents(
+      data_dir, feature_encoder=encoder,
+      feature_encoder_name="efficientnet_lite0")
   return plain, with_features, data_dir, encoder
 
 
 @pytest.fixture(name="model_dir", scope="module")
 def fixture_model_dir(tmp_path_factory):
   """A tiny random Llama with SmolLM2's real tokenizer and vocabulary."""
-  smollm2 = gguf_convert.smollm2_135m_instruct()
-  model = hf_models.build_model(
-      hf_models.tiny_config("llama", vocab_size=49152, eos_token_id=2,
-                            pad_token_id=2, bos_token_id=1))
-  path = hf_models.save_model(model, tmp_path_factory.mktemp("lm"))
-  for name in ("tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja"):
-    if (smollm2 / name).exists():
-      shutil.copy(smollm2 / name, path / name)
-  return path
+  return hf_models.save_tiny_llama_with_smollm2_tokenizer(
+      tmp_path_factory.mktemp("lm"))
 
 
 def _config(model_dir, latent_folder, data_dir, **overrides):

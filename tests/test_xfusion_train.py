@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,11 +11,8 @@ from PIL import Image
 import pytest
 
 import hf_models
-from xfusion_jax.autoencoder import interface
-from xfusion_jax.autoencoder import modules
+import latent_data
 from xfusion_jax.data import datasets
-from xfusion_jax.data import encode_latents
-from xfusion_jax.llm import gguf_convert
 from xfusion_jax.train import loop
 from xfusion_jax.xfusion import artifacts
 from xfusion_jax.xfusion import sequences
@@ -27,32 +23,14 @@ CONFIG_FILE = "configs/xfusion_tiny.py"
 @pytest.fixture(name="latent_dataset", scope="module")
 def fixture_latent_dataset(tmp_path_factory):
   """Real emoji images through a random autoencoder with 8x downsampling."""
-  data_dir = tmp_path_factory.mktemp("tfds")
-  datasets.prepare("emoji_captions", data_dir)
-  config = modules.AutoencoderConfig(
-      block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
-      latent_channels=4, scaling_factor=1.0)
-  autoencoder = interface.ImageAutoencoder(
-      config, interface.init_params(config, jax.random.key(0), 64))
-  autoencoder.save(data_dir / "autoencoder")
-  folder = encode_latents.encode_latents("emoji_captions", autoencoder,
-                                         data_dir=data_dir, batch_size=200)
-  return folder, data_dir / "autoencoder"
+  return latent_data.emoji_latents(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(name="model_dir", scope="module")
 def fixture_model_dir(tmp_path_factory):
   """A tiny random Llama with SmolLM2's real tokenizer and vocabulary."""
-  smollm2 = gguf_convert.smollm2_135m_instruct()
-  model = hf_models.build_model(
-      hf_models.tiny_config("llama", vocab_size=49152, eos_token_id=2,
-                            pad_token_id=2, bos_token_id=1))
-  path = hf_models.save_model(model, tmp_path_factory.mktemp("lm"))
-  for name in ("tokenizer.json", "tokenizer_config.json",
-               "chat_template.jinja"):
-    if (smollm2 / name).exists():
-      shutil.copy(smollm2 / name, path / name)
-  return path
+  return hf_models.save_tiny_llama_with_smollm2_tokenizer(
+      tmp_path_factory.mktemp("lm"))
 
 
 def _config(model_dir, latent_dataset, **overrides):

@@ -52,6 +52,31 @@ def hash_weight_files(model_dir: str | os.PathLike[str]) -> str:
   return digest.hexdigest()
 
 
+def read_metadata(workdir: str | os.PathLike[str],
+                  step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """Return the step and metadata of a workdir's latest (or given) checkpoint.
+
+  The metadata holds `config` (the run's config as JSON text) and
+  `frozen_source` (path and weight hash of the frozen model).
+
+  Raises:
+    FileNotFoundError: when the workdir has no complete checkpoint.
+  """
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
+  manager = ocp.CheckpointManager(directory, item_names=(STATE, METADATA))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f"No complete checkpoint in {directory}. Train first with "
+          f"`python -m xfusion_jax.train --config=... --workdir={workdir}`.")
+    metadata = manager.restore(step, args=ocp.args.Composite(**{
+        METADATA: ocp.args.JsonRestore()}))[METADATA]
+  finally:
+    manager.close()
+  return step, dict(metadata)
+
+
 class FrozenSourceMismatchError(ValueError):
   """The checkpoint was trained beside different frozen weights."""
 

@@ -54,6 +54,8 @@ class TrainedXFusion:
     frozen: its "frozen" collection.
     params: its "params" collection.
     settings: model settings (architecture, latent shape, autoencoder, ...).
+    run_config: the whole training config, when loaded from a workdir.
+    step: the checkpoint's step, when loaded from a workdir.
   """
 
   lm: llm.FrozenLM
@@ -61,6 +63,8 @@ class TrainedXFusion:
   frozen: Any
   params: Any
   settings: dict[str, Any]
+  run_config: dict[str, Any] | None = None
+  step: int | None = None
 
 
 def _settings_config(settings: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -88,14 +92,7 @@ def load_workdir(workdir: str | os.PathLike[str],
     checkpointing.FrozenSourceMismatchError: when the frozen LLM the run
       trained beside has changed since.
   """
-  directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  manager = ocp.CheckpointManager(
-      directory, item_names=(checkpointing.STATE, checkpointing.METADATA))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No complete checkpoint in {directory}.")
-  metadata = manager.restore(step, args=ocp.args.Composite(**{
-      checkpointing.METADATA: ocp.args.JsonRestore()}))[checkpointing.METADATA]
+  step, metadata = checkpointing.read_metadata(workdir, step)
   settings = json.loads(metadata["config"])
   source = metadata["frozen_source"]
   if checkpointing.hash_weight_files(source["path"]) != source[
@@ -105,11 +102,12 @@ def load_workdir(workdir: str | os.PathLike[str],
         "trained beside it.")
   lm = llm.from_pretrained(source["path"], dtype=settings["dtype"])
   module, frozen = _build(lm, settings)
-  manager.close()
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
   state = _restore_on_one_device(directory / str(step) / checkpointing.STATE)
   params = state["params"]
   return TrainedXFusion(lm, module, frozen, params,
-                        {k: settings[k] for k in _MODEL_KEYS if k in settings})
+                        {k: settings[k] for k in _MODEL_KEYS if k in settings},
+                        run_config=settings, step=step)
 
 
 def _restore_on_one_device(path: pathlib.Path) -> dict[str, Any]:

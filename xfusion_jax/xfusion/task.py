@@ -8,6 +8,8 @@ step RNG picks one per row (see `objective`).
 Config fields (besides the loop's): `model_dir` (HF folder; empty means the
 cached SmolLM2-135M-Instruct), `latent_dataset` (folder of a latent
 dataset), `autoencoder` (folder used to render samples; optional),
+`demo_data` (with no latent_dataset: build the Fashion-MNIST demo
+latents and autoencoder in the asset cache and use them),
 `max_caption_tokens`, `latent_size`, `latent_channels`, `patch_size`,
 `architecture`, `xfuse`, `lambda_ar`, `lambda_dm`, `generation_fraction`,
 `caption_dropout`, `understanding_noise_cap`, `param_dtype`,
@@ -41,6 +43,7 @@ from xfusion_jax.data import pipeline as pipeline_lib
 from xfusion_jax.train import checkpointing
 from xfusion_jax.train.task import Batch, FlopCount, Metrics, PyTree
 from xfusion_jax.xfusion import alignment
+from xfusion_jax.xfusion import demo_data
 from xfusion_jax.xfusion import inference
 from xfusion_jax.xfusion import model as model_lib
 from xfusion_jax.xfusion import objective
@@ -96,6 +99,11 @@ class XFusionTask:
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     self._config = config
+    if config.demo_data and not config.latent_dataset:
+      latents, autoencoder = demo_data.prepare()
+      # Written into the config, so that checkpoints record the folders.
+      config.latent_dataset = str(latents)
+      config.autoencoder = config.autoencoder or str(autoencoder)
     model_dir = _model_dir(config)
     self.lm = llm.from_pretrained(model_dir, dtype=config.dtype, mesh=mesh)
     if self.lm.tokenizer is None:
@@ -288,6 +296,7 @@ def add_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model_dir = ""
   config.latent_dataset = ""
   config.autoencoder = ""
+  config.demo_data = False
   config.max_caption_tokens = 16
   config.latent_size = (8, 8)
   config.latent_channels = 4
