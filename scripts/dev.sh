@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian/Ubuntu machine (Python 3.11) and run one task.
 #
-#   bash scripts/dev.sh demo [ARGS...]   set up, then run the main job
+#   bash scripts/dev.sh demo [ARGS...]   set up, then run the main job (ARGS go
+#                                        to the train command)
 #   bash scripts/dev.sh test [PYTEST_ARGS...]   set up, then run the test suite
 #   bash scripts/dev.sh setup            set up only
 #
@@ -53,7 +54,14 @@ main() {
   cd "$repo"
   case "$task" in
     setup) ;;
-    demo) exec "$venv/bin/python" -m xfusion_jax.llm generate "$@" ;;
+    demo)
+      # The X-Fusion main job on the embedded default, then its acceptance
+      # figures. A rerun resumes the training from its last checkpoint.
+      local workdir="${XFUSION_DEMO_WORKDIR:-$repo/workdirs/cpu_demo}"
+      "$venv/bin/python" -m xfusion_jax.train \
+        --config="$repo/configs/cpu_demo.py" --workdir="$workdir" "$@"
+      exec "$venv/bin/python" -m xfusion_jax.evaluate --workdir="$workdir"
+      ;;
     test)
       # pytest exits 5 when it collects no test; that must fail the run.
       local status=0

@@ -1,13 +1,13 @@
 """Acceptance figures of an X-Fusion model trained on Fashion-MNIST captions.
 
 Three checks, each against an independent judge:
-- generation: images drawn for each class prompt are classified by a CNN
-  trained only on the real training split (`reference_classifier`); the
-  score is the fraction assigned the prompted class (chance is 10%);
-- understanding: captions generated for held-out test latents are scored
-  by the class they name first, against the record's label;
-- text behaviour: text-only logits of the X-Fusion model against those of
-  the frozen LLM alone.
+- generation: a CNN trained only on the real training split
+  (`reference_classifier`) classifies the images drawn for each class
+  prompt. The score is the fraction given the prompted class (chance: 10%).
+- understanding: each caption generated for a held-out test latent counts
+  as right when the first class it names is the record's label.
+- text behaviour: the largest difference between the X-Fusion model's
+  text-only logits and the frozen LLM's.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class EvalConfig:
 
 
 def class_named(caption: str) -> int | None:
-  """The label of the class a caption names first, or None."""
+  """Return the label of the class a caption names first, or None."""
   text = caption.lower()
   found = [(m.start(), label) for label, pattern in enumerate(_CLASS_PATTERNS)
            if (m := pattern.search(text))]
@@ -82,7 +82,7 @@ def class_prompt(label: int) -> str:
 
 
 def _to_unit(images: np.ndarray) -> np.ndarray:
-  """Decoder output about [-1, 1] to [0, 1], as the classifier was trained."""
+  """Map decoder output (about [-1, 1]) to the classifier's [0, 1] range."""
   return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
@@ -148,7 +148,7 @@ def caption_accuracy(trained: artifacts.TrainedXFusion, latent_dataset: str,
 
 
 def text_logit_difference(trained: artifacts.TrainedXFusion) -> float:
-  """Largest |difference| of text-only logits against the frozen LLM's."""
+  """Return the largest |difference| of text-only logits from the frozen LLM's."""
   largest = 0.0
   for prompt in _TEXT_PROMPTS:
     ids = np.asarray([trained.lm.tokenizer(prompt)["input_ids"]])
@@ -164,7 +164,7 @@ def text_logit_difference(trained: artifacts.TrainedXFusion) -> float:
 
 
 def image_grid(images: np.ndarray, scale: int = 3) -> Image.Image:
-  """One row per class, labelled, from images `[10, n, h, w, 1]` in [0, 1]."""
+  """Draw images `[10, n, h, w, 1]` in [0, 1] as one labelled row per class."""
   classes, n, h, w = images.shape[:4]
   label_width = 120
   cell_h, cell_w = h * scale, w * scale
@@ -195,9 +195,10 @@ def evaluate_workdir(
   trained = artifacts.load_workdir(workdir)
   run = trained.run_config or {}
   if not run.get("autoencoder"):
-    raise ValueError(f"The run in {workdir} records no autoencoder "
-                     "(config.autoencoder), so its latents cannot be drawn "
-                     "as images for the classifier.")
+    raise ValueError(f"Missing autoencoder: the run in {workdir} has an "
+                     "empty config.autoencoder, so generated latents cannot "
+                     "be decoded for the classifier. Rerun evaluation on a "
+                     "run trained with --config.autoencoder=DIR.")
   autoencoder = autoencoder_lib.load(run["autoencoder"])
   classifier = classifier or reference_classifier.cached()
   cfg_scale = (run["sample_cfg_scale"] if config.cfg_scale is None
