@@ -14,6 +14,7 @@ The demo autoencoder maps 28x28 images to 7x7x4 latents, so one latent
 pixel is one image token (patch size 1, 49 tokens per image).
 """
 
+from xfusion_jax.data import fashion_mnist
 from xfusion_jax.train import config as config_lib
 from xfusion_jax.xfusion import task
 
@@ -35,8 +36,8 @@ def get_config():
   config.checkpoint_every = 250
   config.log_every = 25
   config.sample_every = 500
-  config.sample_prompts = ("a photo of a sneaker", "a photo of a trouser",
-                           "a photo of a bag", "a photo of a dress")
+  config.sample_prompts = tuple(
+      fashion_mnist.caption_for(label, 0) for label in (7, 1, 8, 3))
   config.sample_cfg_scale = 3.0
   config.sample_steps = 20
   return config

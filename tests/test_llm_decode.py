@@ -65,6 +65,34 @@ def test_cached_decode_equals_recompute(tiny):
                                rtol=0, err_msg=f"step {step}")
 
 
+def test_layer_loop_equals_scan(tiny):
+  """The per-layer loop that CPU decoding runs equals the scanned stack."""
+  _, lm = tiny
+  input_ids, mask = _left_padded_batch()
+  batch, prompt_len = input_ids.shape
+  positions = model_lib.positions_from_mask(jnp.asarray(mask))
+  key_valid = jnp.asarray(
+      np.concatenate([mask, np.ones((batch, 4), np.int32)], 1), bool)
+  loop_module = lm.module.clone(scan_layers=False)
+  loop_variables = {model_lib.FROZEN: model_lib.unstack_layers(lm.weights)}
+  assert "layers" not in loop_variables[model_lib.FROZEN]["model"]
+  outputs = []
+  for module, variables in ((lm.module, lm.variables),
+                            (loop_module, loop_variables)):
+    cache = model_lib.init_cache(lm.config, batch, prompt_len + 4,
+                                 jnp.float32)
+    outputs.append(jax.jit(module.apply)(variables, input_ids, positions,
+                                         key_valid, cache, 0))
+  (scan_logits, scan_cache), (loop_logits, loop_cache) = outputs
+  np.testing.assert_allclose(np.asarray(loop_logits), np.asarray(scan_logits),
+                             atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(loop_cache.keys),
+                             np.asarray(scan_cache.keys), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(loop_cache.values),
+                             np.asarray(scan_cache.values), atol=1e-5,
+                             rtol=1e-5)
+
+
 def test_greedy_matches_transformers(tiny):
   model, lm = tiny
   input_ids, mask = _left_padded_batch()

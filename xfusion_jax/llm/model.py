@@ -332,6 +332,7 @@ class DecoderStack(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
 
   def setup(self):
     cfg = self.config
@@ -350,15 +351,21 @@ class DecoderStack(nn.Module):
       layer_cls = nn.remat(
           DecoderLayer, policy=REMAT_POLICIES[self.remat_policy],
           prevent_cse=False)
-    self.layers = nn.scan(
-        layer_cls,
-        variable_axes={self.collection: 0},
-        split_rngs={},
-        in_axes=in_axes,
-        length=cfg.num_hidden_layers,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, collection=self.collection, dtype=self.dtype,
-      param_dtype=self.param_dtype, name="layers")
+    if not self.scan_layers:
+      self.layer_list = [
+          layer_cls(cfg, collection=self.collection, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"layer_{i}")
+          for i in range(cfg.num_hidden_layers)]
+    else:
+      self.layers = nn.scan(
+          layer_cls,
+          variable_axes={self.collection: 0},
+          split_rngs={},
+          in_axes=in_axes,
+          length=cfg.num_hidden_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, collection=self.collection, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="layers")
     self.norm = RMSNorm(cfg.rms_norm_eps, collection=self.collection,
                         param_dtype=self.param_dtype,
                         unit_offset=cfg.norm_unit_offset, name="norm")
@@ -396,11 +403,27 @@ class DecoderStack(nn.Module):
     if mask_sliding is not None and self.is_sliding.all():
       mask_full, mask_sliding = mask_sliding, None
     layer_cache = None if cache is None else (cache.keys, cache.values)
-    x, layer_cache = self.layers(x, cos, sin, mask_full, mask_sliding,
-                                 cache_index, jnp.asarray(self.is_sliding),
-                                 layer_cache, sliding_rope)
+    if self.scan_layers:
+      x, layer_cache = self.layers(x, cos, sin, mask_full, mask_sliding,
+                                   cache_index, jnp.asarray(self.is_sliding),
+                                   layer_cache, sliding_rope)
+    else:
+      x, layer_cache = self._run_layer_list(x, cos, sin, mask_full,
+                                            mask_sliding, cache_index,
+                                            layer_cache, sliding_rope)
     new_cache = None if cache is None else KVCache(*layer_cache)
     return self.norm(x), new_cache
+
+  def _run_layer_list(self, x, cos, sin, mask_full, mask_sliding, cache_index,
+                      layer_cache, sliding_rope):
+    keys, values = layer_cache if layer_cache is not None else (None, None)
+    for i, layer in enumerate(self.layer_list):
+      cache = None if keys is None else (keys[i], values[i])
+      x, cache = layer(x, cos, sin, mask_full, mask_sliding, cache_index,
+                       bool(self.is_sliding[i]), cache, sliding_rope)
+      if keys is not None:
+        keys, values = keys.at[i].set(cache[0]), values.at[i].set(cache[1])
+    return x, None if keys is None else (keys, values)
 
 
 def vocab_logits(config: LMConfig, hidden: jax.Array, dtype: Dtype,
@@ -434,6 +457,9 @@ class CausalLM(nn.Module):
     dtype: compute dtype of activations.
     param_dtype: dtype the weights are stored in.
     remat_policy: "none", or a name in REMAT_POLICIES for training.
+    scan_layers: run the layers under `nn.scan` with stacked weights (the
+      "layers" variable); False runs a Python loop over separate per-layer
+      weights (`layer_0` ...), see `unstack_layers`.
   """
 
   config: LMConfig
@@ -441,13 +467,14 @@ class CausalLM(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
 
   def setup(self):
     cfg = self.config
     self.model = DecoderStack(
         cfg, collection=self.collection, dtype=self.dtype,
         param_dtype=self.param_dtype, remat_policy=self.remat_policy,
-        name="model")
+        scan_layers=self.scan_layers, name="model")
     if not cfg.tie_word_embeddings:
       self.lm_head = Projection(
           (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -467,6 +494,22 @@ class CausalLM(nn.Module):
     hidden, cache = self.model(input_ids, positions, key_valid, cache,
                                cache_index)
     return self.project_to_vocab(hidden), cache
+
+
+def unstack_layers(weights: dict[str, Any]) -> dict[str, Any]:
+  """Split stacked layer weights into the per-layer trees of `scan_layers=False`.
+
+  XLA:CPU copies each layer's slice of the stacked weights before its
+  matrix products, which doubles the memory traffic of a decode step. With
+  separate arrays per layer there is no copy. The split arrays are new
+  buffers, so the caller holds the weights twice while it keeps both.
+  """
+  model = dict(weights["model"])
+  stacked = model.pop("layers")
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(count):
+    model[f"layer_{i}"] = jax.tree.map(lambda w, i=i: w[i], stacked)
+  return dict(weights, model=model)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
