@@ -51,6 +51,10 @@ EXTRAS_REQUIRE = {
         "efficientnet-lite-pytorch==0.1.0",
         # skimage.data ships the real photos of the classification check.
         "scikit-image==0.26.0",
+        # Execute the notebooks under notebooks/ end to end on CPU.
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
 }
 

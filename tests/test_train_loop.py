@@ -413,28 +413,141 @@ def test_sigkill_during_save_keeps_previous_checkpoint(model_dir, text_file,
   assert str(complete + 1) in checkpoint_entries(tmp_path)
 
 
-def test_two_processes_train_and_checkpoint(model_dir, text_file, tmp_path):
+def test_data_batches_independent_of_process_count(model_dir, text_file):
+  config = make_config(model_dir, text_file)
+  task = lm_adapter.make_task(config, sharding.make_mesh({"data": 1},
+                                                         jax.devices()[:1]))
+  one = iter(lm_adapter.make_dataset(task.windows, 8, config.seed, 0, 1))
+  halves = [iter(lm_adapter.make_dataset(task.windows, 4, config.seed, index,
+                                         2)) for index in range(2)]
+  # Enough batches to cross an epoch boundary, where the order reshuffles.
+  batches = 2 * len(task.windows) // 8 + 1
+  for _ in range(batches):
+    expected = next(one)["tokens"]
+    got = np.concatenate([next(half)["tokens"] for half in halves])
+    np.testing.assert_array_equal(got, expected)
+  states = [half.get_state() for half in halves]
+  assert states[0] == states[1] == one.get_state()
+
+
+def run_two_processes(model_dir, text_file, workdir, *overrides):
+  """Train with 2 processes of 4 CPU devices each; return their stderr."""
   with socket_port() as port:
     pass
   env = subprocess_env()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   processes = [
       subprocess.Popen(
-          cli_command(model_dir, text_file, tmp_path,
-                      "--config.total_steps=4", "--config.checkpoint_every=2",
-                      "--config.sample_every=0",
+          cli_command(model_dir, text_file, workdir, *overrides,
                       f"--coordinator_address=127.0.0.1:{port}",
-                      "--num_processes=2", f"--process_id={index}"),
+                      "--num_processes=2", f"--process_id={index}",
+                      "--initialization_timeout=120"),
           cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
       for index in range(2)
   ]
   outputs = [process.communicate(timeout=300)[1] for process in processes]
   for index, process in enumerate(processes):
     assert process.returncode == 0, outputs[index][-3000:]
-    assert f"JAX process {index} of 2" in outputs[index]
+  return outputs
 
-  assert [line["step"] for line in metric_lines(tmp_path)] == [1, 2, 3, 4]
-  assert checkpoint_entries(tmp_path) == ["2", "4"]
-  data_files = sorted(
-      p.name for p in (tmp_path / "checkpoints" / "4" / "data").glob("*.json"))
+
+def restore_on_mesh(config, workdir, step, mesh_shape, devices):
+  """Restore a checkpoint onto a mesh; return (state, next global batch)."""
+  mesh = sharding.make_mesh(mesh_shape, devices)
+  task = lm_adapter.make_task(config, mesh)
+  program = loop.build_program(config, task, mesh)
+  checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", config,
+                                            task.frozen_source)
+  iterator = task.train_data(config.seed)
+  try:
+    state = checkpointer.restore(step, program.abstract_state, iterator,
+                                 process_count_invariant_data=True)
+  finally:
+    checkpointer.close()
+  return state, next(iterator)["tokens"]
+
+
+def test_two_processes_resume_on_one(model_dir, text_file, tmp_path):
+  """2 processes train and checkpoint; 1 process resumes on another mesh.
+
+  The continued losses cannot equal an uninterrupted 1-process run bit for
+  bit. Gloo's all-reduce across the 2 processes adds the gradient partial
+  sums in another order than the 1-process all-reduce (on the same mesh
+  shape, the losses already differ in the last bits at step 2), and the new
+  mesh (data=2, fsdp=2, tensor=2) splits the loss, gradient and matmul sums
+  differently again. The exact properties are checked exactly: the restore
+  onto the new mesh reproduces the saved arrays and the data position. The
+  losses agree to float32 rounding; a wrong state or data position would
+  miss the tolerance by orders of magnitude.
+  """
+  two = tmp_path / "two_processes"
+  outputs = run_two_processes(model_dir, text_file, two,
+                              "--config.total_steps=4",
+                              "--config.checkpoint_every=2",
+                              "--config.sample_every=0")
+  for index, output in enumerate(outputs):
+    assert f"JAX process {index} of 2: local devices [" in output
+  assert [line["step"] for line in metric_lines(two)] == [1, 2, 3, 4]
+  assert checkpoint_entries(two) == ["2", "4"]
+  data_files = sorted(p.name for p in (two / "checkpoints" / "2" /
+                                       "data").glob("*.json"))
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+  two_losses = [line["train/loss"] for line in metric_lines(two)]
+
+  total = 6
+  new_mesh = make_config(model_dir, text_file, total_steps=total,
+                         checkpoint_every=2, sample_every=0)
+  new_mesh.mesh.update(data=2, fsdp=2, tensor=2)
+
+  # The restore itself is exact: the new mesh's shards hold the values that
+  # a single device reads, and the data iterator is at global batch 3.
+  sharded, sharded_batch = restore_on_mesh(
+      new_mesh, two, 2, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices())
+  single, single_batch = restore_on_mesh(new_mesh, two, 2, {"data": 1},
+                                         jax.devices()[:1])
+  assert int(sharded.step) == 2
+  assert sharded.params["down"].sharding.spec == jax.sharding.PartitionSpec(
+      "fsdp", "tensor")
+  for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  fresh = lm_adapter.make_task(new_mesh, sharding.make_mesh(
+      {"data": 1}, jax.devices()[:1])).train_data(new_mesh.seed)
+  third_batch = [next(fresh)["tokens"] for _ in range(3)][-1]
+  np.testing.assert_array_equal(sharded_batch, third_batch)
+  np.testing.assert_array_equal(single_batch, third_batch)
+
+  # One process resumes the 2-process checkpoint of step 2 on the new mesh.
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(two / "checkpoints" / "2", resumed_dir / "checkpoints" / "2")
+  resumed = loop.train(new_mesh, resumed_dir)
+  assert sorted(resumed.history) == list(range(3, total + 1))
+  down = resumed.state.params["down"]
+  assert dict(down.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert down.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+  uninterrupted = loop.train(new_mesh, tmp_path / "uninterrupted")
+  steps = range(3, total + 1)
+  np.testing.assert_allclose(losses(resumed.history, steps),
+                             losses(uninterrupted.history, steps), rtol=1e-5)
+  np.testing.assert_allclose(two_losses,
+                             losses(uninterrupted.history, range(1, 5)),
+                             rtol=1e-5)
+  # The steps' batches differ, so a resume at the wrong batch would show.
+  assert np.ptp(losses(uninterrupted.history, steps)) > 1e-3
+
+
+def test_process_count_change_rejected_for_sharded_data(
+    model_dir, text_file, tmp_path):
+  two = tmp_path / "two_processes"
+  run_two_processes(model_dir, text_file, two, "--config.total_steps=2",
+                    "--config.checkpoint_every=2", "--config.sample_every=0")
+  config = make_config(model_dir, text_file, total_steps=3, sample_every=0)
+
+  def task_with_process_sharded_data(task_config, mesh):
+    task = lm_adapter.make_task(task_config, mesh)
+    task.process_count_invariant_data = False
+    return task
+
+  with pytest.raises(ValueError,
+                     match="written by 2 processes, but this run has 1"):
+    loop.train(config, two, task_with_process_sharded_data)

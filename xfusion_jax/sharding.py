@@ -94,8 +94,11 @@ def _fit_spec(name: str, shape: tuple[int, ...], spec: PartitionSpec,
               mesh: Mesh) -> PartitionSpec:
   """Replicate every dimension whose size its mesh axes do not divide.
 
-  Replication is exact, only costlier in memory; a KV-head count smaller
-  than the tensor axis is the common case.
+  Replication is exact, only costlier in memory. The common case is a
+  KV-head count smaller than the tensor axis (2 KV heads on tensor=8): every
+  tensor shard then contains all KV heads, at the memory cost of full copies
+  of the key and value projections. The vocabulary never gets here from `llm.from_pretrained`, which
+  pads it instead (see `vocab_padding`).
   """
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -129,6 +132,31 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh,
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(to_sharding, values, logical_specs)
+
+
+def axis_size(logical_name: str, mesh: Mesh, rules: Rules = DEFAULT_RULES
+              ) -> int:
+  """Return how many shards the rules split a logical axis into on `mesh`."""
+  mesh_axes = nn.logical_to_mesh_axes((logical_name,), rules)[0]
+  if mesh_axes is None:
+    return 1
+  if isinstance(mesh_axes, str):
+    mesh_axes = (mesh_axes,)
+  return math.prod(mesh.shape[axis] for axis in mesh_axes)
+
+
+def vocab_padding(vocab_size: int, mesh: Mesh | None,
+                  rules: Rules = DEFAULT_RULES) -> int:
+  """Return the rows to add so that the "vocab" mesh axes divide the vocabulary.
+
+  Padding keeps the embedding table and LM head sharded where replication
+  would put a whole copy (the largest frozen matrices of small LLMs) on
+  every device.
+  """
+  if mesh is None:
+    return 0
+  shards = axis_size("vocab", mesh, rules)
+  return -vocab_size % shards
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -112,13 +112,17 @@ class FrozenLM:
     return self._place_batch(input_ids), self._place_batch(attention_mask)
 
   def logits(self, input_ids, attention_mask=None) -> jax.Array:
-    """Return float32 logits `[batch, seq, vocab]` of a (left-padded) batch."""
+    """Return float32 logits `[batch, seq, vocab]` of a (left-padded) batch.
+
+    The columns of the vocabulary padding (see `LMConfig.vocab_padding`) are
+    removed.
+    """
     input_ids, attention_mask = self._inputs(input_ids, attention_mask)
 
     def forward(variables, ids, mask):
       positions = model_lib.positions_from_mask(mask)
       logits, _ = self.module.apply(variables, ids, positions, mask.astype(bool))
-      return logits.astype(jnp.float32)
+      return logits[..., :self.config.vocab_size].astype(jnp.float32)
 
     fn = self._jit("logits", forward)
     return self._run(fn, self.variables, input_ids, attention_mask)
@@ -265,6 +269,14 @@ def from_pretrained(path: str | os.PathLike[str], *, dtype: Any = "bfloat16",
   config = config_lib.load_config(path)
   dtype = _as_dtype(dtype)
   rules = tuple(rules or sharding_lib.DEFAULT_RULES)
+  padding = sharding_lib.vocab_padding(config.vocab_size, mesh, rules)
+  if padding:
+    logging.info(
+        "Padding the vocabulary of %d tokens with %d rows so that its %d "
+        "mesh shards are equal; the padded logits are masked.",
+        config.vocab_size, padding,
+        sharding_lib.axis_size("vocab", mesh, rules))
+    config = dataclasses.replace(config, vocab_padding=padding)
   module = model_lib.CausalLM(config, dtype=dtype, param_dtype=dtype)
   boxed = abstract_weights(module)
   abstract = nn.meta.unbox(boxed)

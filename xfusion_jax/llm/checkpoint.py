@@ -50,11 +50,15 @@ class LeafPlan:
     hf_names: one HF tensor name, or one per layer for stacked leaves.
     layout: one of the layout constants above.
     stacked: whether the Flax leaf has a leading "layers" axis.
+    vocab_axis: the Flax axis that indexes the vocabulary, or None. Along it
+      the Flax leaf has `config.padded_vocab_size` entries and the HF tensor
+      `config.vocab_size`; the padding is zero and is never exported.
   """
 
   hf_names: tuple[str, ...]
   layout: str
   stacked: bool
+  vocab_axis: int | None = None
 
 
 _LAYER_LAYOUTS = {
@@ -95,11 +99,11 @@ def leaf_plan(path: tuple[str, ...], config: LMConfig) -> LeafPlan:
     KeyError: for a path with no HF counterpart.
   """
   if path == ("model", "embed_tokens"):
-    return LeafPlan(("model.embed_tokens.weight",), SAME, False)
+    return LeafPlan(("model.embed_tokens.weight",), SAME, False, vocab_axis=0)
   if path == ("model", "norm", "scale"):
     return LeafPlan(("model.norm.weight",), SAME, False)
   if path == ("lm_head", "kernel"):
-    return LeafPlan(("lm_head.weight",), TRANSPOSE, False)
+    return LeafPlan(("lm_head.weight",), TRANSPOSE, False, vocab_axis=1)
   if path[:2] == ("model", "layers") and path[2:] in _LAYER_LAYOUTS:
     suffix = _hf_suffix(path[2:])
     names = tuple(f"model.layers.{i}.{suffix}"
@@ -355,16 +359,49 @@ def load_weights(reader: CheckpointReader, config: LMConfig,
   flat_abstract = _flatten(abstract)
   flat_shardings = _flatten(shardings)
   plans = {path: leaf_plan(path, config) for path in flat_abstract}
-  shapes = {path: tuple(a.shape) for path, a in flat_abstract.items()}
+  shapes = {path: unpadded_shape(plan, tuple(flat_abstract[path].shape),
+                                 config)
+            for path, plan in plans.items()}
   validate(reader, plans, shapes, config)
 
   loaded = {}
   for path, plan in plans.items():
-    shape = shapes[path]
+    read = _block_reader(reader, plan, shapes[path], np.dtype(dtype))
+    if plan.vocab_axis is not None and config.vocab_padding:
+      read = _zero_padded(read, plan.vocab_axis, config.vocab_size,
+                          config.padded_vocab_size)
     loaded[path] = jax.make_array_from_callback(
-        shape, flat_shardings[path],
-        _block_reader(reader, plan, shape, np.dtype(dtype)))
+        tuple(flat_abstract[path].shape), flat_shardings[path], read)
   return _unflatten(loaded)
+
+
+def unpadded_shape(plan: LeafPlan, shape: tuple[int, ...],
+                   config: LMConfig) -> tuple[int, ...]:
+  """Return a Flax leaf's shape without the vocabulary padding."""
+  if plan.vocab_axis is None:
+    return shape
+  unpadded = list(shape)
+  unpadded[plan.vocab_axis] = config.vocab_size
+  return tuple(unpadded)
+
+
+def _zero_padded(read: Callable[[tuple[slice, ...]], np.ndarray], axis: int,
+                 vocab_size: int, padded_vocab_size: int
+                 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """Wrap a block reader so that vocabulary rows >= `vocab_size` read as 0."""
+
+  def read_padded(index: tuple[slice, ...]) -> np.ndarray:
+    index = list(index) + [slice(None)] * (axis + 1 - len(index))
+    start, stop, _ = index[axis].indices(padded_vocab_size)
+    real_stop = min(stop, vocab_size)
+    real_index = list(index)
+    real_index[axis] = slice(start, max(start, real_stop))
+    block = read(tuple(real_index))
+    padding = [(0, 0)] * block.ndim
+    padding[axis] = (0, max(0, stop - max(start, real_stop)))
+    return np.pad(block, padding)
+
+  return read_padded
 
 
 def _block_reader(reader: CheckpointReader, plan: LeafPlan,
@@ -403,6 +440,10 @@ def hf_state_dict(weights: dict[str, Any],
   for path, value in _flatten(weights).items():
     plan = leaf_plan(path, config)
     array = _to_host(value)
+    if plan.vocab_axis is not None:
+      # Drops the rows that only exist to make a mesh axis divide the
+      # vocabulary.
+      array = np.take(array, np.arange(config.vocab_size), axis=plan.vocab_axis)
     if plan.stacked:
       for i, name in enumerate(plan.hf_names):
         tensors[name] = np.ascontiguousarray(to_hf(plan.layout, array[i]))

@@ -89,9 +89,18 @@ class LMConfig:
   query_pre_attn_scalar: float | None = None
   # Logits become cap * tanh(logits / cap) when set.
   final_logit_softcapping: float | None = None
+  # Rows appended to the embedding table and LM head so that a mesh axis
+  # divides the vocabulary (see `padded_vocab_size`). Their logits are masked
+  # to the dtype's minimum, and export drops them.
+  vocab_padding: int = 0
   # The parsed config.json, written back unchanged (apart from dtype) on export.
   source: dict[str, Any] = dataclasses.field(
       default_factory=dict, compare=False, repr=False)
+
+  @property
+  def padded_vocab_size(self) -> int:
+    """Rows of the embedding table and columns of the LM head."""
+    return self.vocab_size + self.vocab_padding
 
   @property
   def uses_sliding_window(self) -> bool:

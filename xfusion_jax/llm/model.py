@@ -337,7 +337,7 @@ class DecoderStack(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed_tokens = make_weight(self, "embed_tokens",
-                                    (cfg.vocab_size, cfg.hidden_size),
+                                    (cfg.padded_vocab_size, cfg.hidden_size),
                                     ("vocab", "embed"), self.param_dtype)
     layer_cls = DecoderLayer
     # The last argument, the sliding layers' RoPE tables, is None unless the
@@ -434,8 +434,13 @@ def vocab_logits(config: LMConfig, hidden: jax.Array, dtype: Dtype,
     config: the model config.
     hidden: final hidden states `[batch, seq, embed]`.
     dtype: compute dtype.
-    embed_table: `[vocab, embed]`, used when the embeddings are tied.
+    embed_table: `[padded_vocab, embed]`, used when the embeddings are tied.
     lm_head: the untied head module, or None.
+
+  Returns:
+    Logits `[batch, seq, padded_vocab]`. The `config.vocab_padding` last
+    columns hold the dtype's minimum, so softmax gives them probability 0
+    and argmax never picks them.
   """
   if lm_head is None:
     logits = jnp.einsum("bsd,vd->bsv", hidden.astype(dtype),
@@ -445,7 +450,20 @@ def vocab_logits(config: LMConfig, hidden: jax.Array, dtype: Dtype,
   cap = config.final_logit_softcapping
   if cap is not None:
     logits = jnp.tanh(logits / cap) * cap
-  return logits
+  return mask_vocab_padding(config, logits)
+
+
+def mask_vocab_padding(config: LMConfig, logits: jax.Array) -> jax.Array:
+  """Set the padded vocabulary columns of `logits` `[..., padded_vocab]`.
+
+  The minimum rather than -inf keeps `0 * log_softmax` finite in soft-label
+  losses, and exp(minimum - max) is exactly 0 in float32 and bfloat16.
+  The mask is applied after softcapping, which would map -inf to -cap.
+  """
+  if not config.vocab_padding:
+    return logits
+  is_real = jnp.arange(logits.shape[-1]) < config.vocab_size
+  return jnp.where(is_real, logits, jnp.finfo(logits.dtype).min)
 
 
 class CausalLM(nn.Module):
@@ -477,7 +495,7 @@ class CausalLM(nn.Module):
         scan_layers=self.scan_layers, name="model")
     if not cfg.tie_word_embeddings:
       self.lm_head = Projection(
-          (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+          (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
           "bsd,dv->bsv", collection=self.collection, dtype=self.dtype,
           param_dtype=self.param_dtype, name="lm_head")
 

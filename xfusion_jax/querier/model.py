@@ -327,7 +327,7 @@ class QuerierStack(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed_tokens = lm_model.make_weight(
-        self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size),
+        self, "embed_tokens", (cfg.padded_vocab_size, cfg.hidden_size),
         ("vocab", "embed"), self.param_dtype, FROZEN)
     layer_cls = QuerierLayer
     if self.remat_policy != "none":
@@ -430,7 +430,7 @@ class QuerierLM(nn.Module):
         deterministic=self.deterministic, name="model")
     if not cfg.tie_word_embeddings:
       self.lm_head = lm_model.Projection(
-          (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+          (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
           "bsd,dv->bsv", dtype=self.dtype, param_dtype=self.param_dtype,
           name="lm_head")
     if self.gated_merge:

@@ -14,12 +14,15 @@ previous checkpoint as the latest one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
+import re
 from typing import Any
 
 from absl import logging
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -132,8 +135,12 @@ class Checkpointer:
     logging.info("Started saving the checkpoint of step %d to %s.", step,
                  self.directory)
 
-  def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
+  def restore(self, step: int, abstract_state: Any, data_iterator: Any,
+              process_count_invariant_data: bool = False) -> Any:
     """Restore the state of `step` and move `data_iterator` to its position.
+
+    The arrays are read into the shardings of `abstract_state`, so the mesh
+    and the number of processes may differ from the run that saved them.
 
     Args:
       step: a step listed by `all_steps`.
@@ -141,23 +148,84 @@ class Checkpointer:
         structure the state is restored into.
       data_iterator: the freshly created Grain iterator; it is modified in
         place.
+      process_count_invariant_data: whether the task's data iterators have
+        the same state in every process under any process count (see
+        `task.Task`). Only then may the checkpoint come from another number
+        of processes.
 
     Raises:
       FrozenSourceMismatchError: if the checkpoint records frozen weights
         with another hash than this run's.
+      ValueError: if another number of processes wrote the checkpoint and
+        the data position cannot be carried over.
     """
     metadata = self._manager.restore(
         step, args=ocp.args.Composite(**{METADATA: ocp.args.JsonRestore()}))
     self._check_frozen_source(step, metadata[METADATA]["frozen_source"])
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
-        }))
+    data_states = self._saved_data_states(step)
+    if len(data_states) == jax.process_count():
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              STATE: ocp.args.StandardRestore(abstract_state),
+              DATA: grain.checkpoint.CheckpointRestore(data_iterator),
+          }))
+    else:
+      data_state = self._common_data_state(step, data_states,
+                                           process_count_invariant_data)
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(**{
+              STATE: ocp.args.StandardRestore(abstract_state)}))
+      data_iterator.set_state(data_state)
+      # As Grain's own restore handler does: prefetching restarts from the
+      # restored position.
+      if hasattr(data_iterator, "start_prefetch"):
+        data_iterator.start_prefetch()
+      logging.info(
+          "The checkpoint of step %d was written by %d processes; this run "
+          "has %d and continues from their common data position.", step,
+          len(data_states), jax.process_count())
     logging.info("Restored the checkpoint of step %d from %s.", step,
                  self.directory)
     return restored[STATE]
+
+  def _saved_data_states(self, step: int) -> list[str]:
+    """Return the JSON iterator states of step `step`, in process order."""
+    data_dir = self.directory / str(step) / DATA
+    pattern = re.compile(r"process_(\d+)-of-(\d+)\.json")
+    files = {}
+    for path in data_dir.glob("process_*-of-*.json"):
+      match = pattern.fullmatch(path.name)
+      if match:
+        files[int(match[1])] = (int(match[2]), path)
+    counts = {count for count, _ in files.values()}
+    if len(counts) != 1 or sorted(files) != list(range(counts.pop())):
+      raise ValueError(
+          f"The data item {data_dir} of the checkpoint of step {step} must "
+          "hold one process_I-of-N.json per process I < N, found "
+          f"{sorted(p.name for p in data_dir.iterdir())}.")
+    return [files[i][1].read_text() for i in sorted(files)]
+
+  def _common_data_state(self, step: int, data_states: list[str],
+                         process_count_invariant_data: bool) -> Any:
+    """Return the iterator state that every saving process had."""
+    saved, current = len(data_states), jax.process_count()
+    if not process_count_invariant_data:
+      raise ValueError(
+          f"The checkpoint of step {step} in {self.directory} was written by "
+          f"{saved} processes, but this run has {current}, and this task's "
+          "batches depend on the process count, so its data position cannot "
+          f"be carried over. Resume with {saved} processes.")
+    states = {json.dumps(json.loads(text), sort_keys=True)
+              for text in data_states}
+    if len(states) != 1:
+      raise ValueError(
+          f"The checkpoint of step {step} in {self.directory} contains "
+          f"different data positions for its {saved} processes, so they "
+          f"cannot be carried over to {current} processes. Resume with "
+          f"{saved} processes.")
+    return json.loads(states.pop())
 
   def _check_frozen_source(self, step: int, saved: dict[str, str]) -> None:
     saved_hash = saved.get("weights_sha256")

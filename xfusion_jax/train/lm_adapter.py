@@ -105,19 +105,28 @@ def make_dataset(windows: np.ndarray, batch_size: int, seed: int,
                  process_index: int, process_count: int) -> grain.IterDataset:
   """Shuffled, repeated batches `{"tokens": [batch_size, seq_len + 1]}`.
 
-  Each process reads every `process_count`-th window; the shuffle order
-  changes every epoch and depends only on `seed`.
+  `batch_size` is the per-process batch. Global batch `i` is windows
+  `[i * G, (i + 1) * G)` of the shuffled stream (G = batch_size *
+  process_count), and process `p` reads its `p`-th slice of `batch_size`
+  rows. The global batches therefore do not depend on the process count, and
+  every process's iterator state after `i` batches is `i`, so a run can
+  resume with another process count. The shuffle order changes every epoch
+  and depends only on `seed`.
   """
-  dataset = grain.MapDataset.source(windows)[process_index::process_count]
-  dataset = dataset.shuffle(seed=seed).repeat()
+  dataset = grain.MapDataset.source(windows).shuffle(seed=seed).repeat()
   dataset = dataset.map(lambda window: {"tokens": window})
   dataset = dataset.batch(batch_size, drop_remainder=True)
+  dataset = dataset[process_index::process_count]
   return dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 class LMAdapterTask:
   """Trains a `ResidualAdapter` on next-token prediction beside a frozen LLM."""
+
+  # See `make_dataset`: the global batches and the iterator state are the
+  # same under any process count.
+  process_count_invariant_data = True
 
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     if not config.model_dir:

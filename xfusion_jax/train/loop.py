@@ -439,8 +439,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str],
   data_iterator = task.train_data(config.seed)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    state = checkpointer.restore(start_step, program.abstract_state,
-                                 data_iterator)
+    state = checkpointer.restore(
+        start_step, program.abstract_state, data_iterator,
+        task_lib.has_process_count_invariant_data(task))
   else:
     state = program.init_state()
   _log_start(task, program, start_step, config.total_steps)

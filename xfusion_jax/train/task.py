@@ -111,6 +111,18 @@ class Task(Protocol):
   # `(loss, (metrics, new_aux_state))` with the same tree structure.
 
 
+  # Optional: a task whose global batches and per-process iterator states do
+  # not depend on `jax.process_count()` sets `process_count_invariant_data =
+  # True`. Only such a task may resume a checkpoint that another number of
+  # processes wrote. For other tasks the loop raises a ValueError, because
+  # it cannot derive their data position.
+
+
+def has_process_count_invariant_data(task: Any) -> bool:
+  """Return whether `task` sets `process_count_invariant_data` (see `Task`)."""
+  return bool(getattr(task, "process_count_invariant_data", False))
+
+
 def has_aux_state(task: Any) -> bool:
   """Whether `task` defines `init_aux_state` (see `Task`)."""
   return callable(getattr(task, "init_aux_state", None))

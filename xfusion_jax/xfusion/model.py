@@ -186,12 +186,12 @@ class XFusion(nn.Module):
     d = lm_cfg.hidden_size
     frozen = dict(collection=lm_model.FROZEN, param_dtype=self.frozen_dtype)
     self.embed_tokens = lm_model.make_weight(
-        self, "embed_tokens", (lm_cfg.vocab_size, d), ("vocab", "embed"),
+        self, "embed_tokens", (lm_cfg.padded_vocab_size, d), ("vocab", "embed"),
         self.frozen_dtype, collection=lm_model.FROZEN)
     self.norm = lm_model.RMSNorm(lm_cfg.rms_norm_eps, **frozen)
     if not lm_cfg.tie_word_embeddings:
       self.lm_head = lm_model.Projection(
-          (d, lm_cfg.vocab_size), ("embed", "vocab"), "bsd,dv->bsv",
+          (d, lm_cfg.padded_vocab_size), ("embed", "vocab"), "bsd,dv->bsv",
           dtype=cfg.dtype, **frozen)
     self.vision_norm = lm_model.RMSNorm(
         lm_cfg.rms_norm_eps, collection=TRAINABLE, param_dtype=cfg.param_dtype)
