@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
     "ml-dtypes==0.7.0",
     "pillow==13.0.0",
     "tensorboardX==2.6.5",
+    # ROUGE-L and BLEU of the querier evaluation.
+    "rouge-score==0.1.2",
+    "sacrebleu==2.6.0",
     # tensorflow-datasets 4.9.10 imports it while building a dataset but does
     # not declare it.
     "importlib_resources==7.1.0",
@@ -45,6 +48,8 @@ EXTRAS_REQUIRE = {
         # which the tests use as the reference for our own GGUF conversion.
         "accelerate==1.16.0",
         "diffusers==0.42.1",
+        # Loads the querier export's LoRA adapters as the format's reference.
+        "peft==0.21.2",
         # The PyTorch EfficientNet-Lite model, the reference for the Flax
         # EfficientNet-Lite0 encoder (declares an unpinned torch, which the
         # pin above satisfies).

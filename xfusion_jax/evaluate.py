@@ -2,9 +2,14 @@
 
   python -m xfusion_jax.evaluate --workdir=DIR [--out=DIR]
 
-The task comes from the workdir's checkpoint: an X-Fusion run on
+The task comes from the workdir's checkpoint. An X-Fusion run on
 Fashion-MNIST captions gets its generation, captioning and text-invariance
-figures (`xfusion_jax.xfusion.evaluate`); results land in `WORKDIR/eval`.
+figures (`xfusion_jax.xfusion.evaluate`). A querier-aware run gets ROUGE-L
+and BLEU-1..4 of its held-out replies, beside those of the zero-shot frozen
+LLM and, with --ft_workdir, a plain LoRA fine-tune
+(`xfusion_jax.querier.evaluate`). Results land in `WORKDIR/eval`.
+
+  python -m xfusion_jax.evaluate --workdir=QUERIER_RUN --ft_workdir=FT_RUN
 """
 
 from __future__ import annotations
@@ -33,6 +38,19 @@ def _define_flags() -> None:
                        "X-Fusion: sampler steps; default the run's "
                        "sample_steps.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("ft_workdir", None,
+                      "Querier: workdir of the plain LoRA run "
+                      "(config.specific_tower=False) on the same data.")
+  flags.DEFINE_string("test_file", None,
+                      "Querier: MQDialog file of held-out windows; default "
+                      "test.json beside the run's train_file.")
+  flags.DEFINE_integer("max_new_tokens", 64,
+                       "Querier: reply budget in tokens.")
+  flags.DEFINE_integer("batch_size", 8,
+                       "Querier: windows per generation call.")
+  flags.DEFINE_integer("max_windows", None,
+                       "Querier: score this many windows, spread over the "
+                       "test file; default all.")
 
 
 def main(argv: list[str]) -> None:
@@ -50,12 +68,24 @@ def main(argv: list[str]) -> None:
                               cfg_scale=values.cfg_scale, steps=values.steps,
                               seed=values.seed),
           out_dir=values.out)
+    elif task == "querier":
+      from xfusion_jax.querier import evaluate as querier_evaluate  # pylint: disable=g-import-not-at-top
+      results = querier_evaluate.evaluate_workdir(
+          values.workdir,
+          querier_evaluate.EvalConfig(
+              test_file=values.test_file,
+              max_new_tokens=values.max_new_tokens,
+              batch_size=values.batch_size, max_windows=values.max_windows),
+          ft_workdir=values.ft_workdir, out_dir=values.out)
+      with open(results["table"], encoding="utf-8") as f:
+        print(f.read())
     else:
-      raise ValueError(f"{values.workdir} holds a run of task {task!r}, "
-                       "which has no evaluation; evaluable task: xfusion.")
+      raise ValueError(f"{values.workdir} contains a run of task {task!r}, "
+                       "which has no evaluation; evaluable tasks: xfusion, "
+                       "querier.")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  print(json.dumps(results, indent=2))
+  print(json.dumps(results, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -62,15 +62,17 @@ class TowerOutputs(NamedTuple):
 
   Attributes:
     general: the general tower after the frozen final norm.
-    specific: the specific tower after its trainable final norm.
+    specific: the specific tower after its trainable final norm; None
+      without the specific tower.
     specific_last_layer: the specific tower's residual stream after the last
-      layer, before any final norm (input of the contrastive head).
+      layer, before any final norm (input of the contrastive head); None
+      without the specific tower.
     merged: what the LM head receives.
   """
 
   general: jax.Array
-  specific: jax.Array
-  specific_last_layer: jax.Array
+  specific: jax.Array | None
+  specific_last_layer: jax.Array | None
   merged: jax.Array
 
 
@@ -263,7 +265,8 @@ class QuerierLayer(nn.Module):
 
   Attention and the layer norms are shared (frozen weights, LoRA on the
   projections). The general rows go through the frozen MLP with LoRA, the
-  specific rows through `SpecificMLP`.
+  specific rows through `SpecificMLP`. Without `specific_tower` every row is
+  a general row and the block has no `SpecificMLP`.
   """
 
   config: LMConfig
@@ -272,10 +275,11 @@ class QuerierLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   deterministic: bool = True
+  specific_tower: bool = True
 
   @nn.compact
   def __call__(self, x, cos, sin, mask_full, mask_sliding, is_sliding,
-               sliding_rope):
+               sliding_rope, cache_index=0, cache=None):
     cfg = self.config
 
     def norm(name):
@@ -289,28 +293,32 @@ class QuerierLayer(nn.Module):
     if sliding_rope is not None:
       cos = jnp.where(is_sliding, sliding_rope[0], cos)
       sin = jnp.where(is_sliding, sliding_rope[1], sin)
-    attn_out, _ = LoraAttention(
+    attn_out, cache = LoraAttention(
         cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
         deterministic=self.deterministic, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask)
+            norm("input_layernorm")(x), cos, sin, mask, cache, cache_index)
     if cfg.sandwich_norms:
       attn_out = norm("post_attention_layernorm")(attn_out)
     x = lm_model._residual_constraint(x + attn_out)  # pylint: disable=protected-access
 
     mlp_norm = ("pre_feedforward_layernorm" if cfg.sandwich_norms else
                 "post_attention_layernorm")
-    general_in, specific_in = split_towers(norm(mlp_norm)(x))
-    general_out = LoraMLP(cfg, self.lora, dtype=self.dtype,
+    general_mlp = LoraMLP(cfg, self.lora, dtype=self.dtype,
                           param_dtype=self.param_dtype,
-                          deterministic=self.deterministic,
-                          name="mlp")(general_in)
-    specific_out = SpecificMLP(self.specific_rank, dtype=self.dtype,
-                               name="specific_mlp")(specific_in)
-    mlp_out = join_towers(general_out, specific_out.astype(general_out.dtype))
+                          deterministic=self.deterministic, name="mlp")
+    if self.specific_tower:
+      general_in, specific_in = split_towers(norm(mlp_norm)(x))
+      general_out = general_mlp(general_in)
+      specific_out = SpecificMLP(self.specific_rank, dtype=self.dtype,
+                                 name="specific_mlp")(specific_in)
+      mlp_out = join_towers(general_out,
+                            specific_out.astype(general_out.dtype))
+    else:
+      mlp_out = general_mlp(norm(mlp_norm)(x))
     if cfg.sandwich_norms:
       mlp_out = norm("post_feedforward_layernorm")(mlp_out)
     x = lm_model._residual_constraint(x + mlp_out)  # pylint: disable=protected-access
-    return x, None
+    return x, cache
 
 
 class QuerierStack(nn.Module):
@@ -323,6 +331,7 @@ class QuerierStack(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   deterministic: bool = True
+  specific_tower: bool = True
 
   def setup(self):
     cfg = self.config
@@ -342,19 +351,22 @@ class QuerierStack(nn.Module):
         layer_cls,
         variable_axes={FROZEN: 0, PARAMS: 0},
         split_rngs={PARAMS: True, "dropout": True},
-        in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+        # The cache index is shared by all layers; the cache has a leading
+        # layers axis like the weights.
+        in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, nn.broadcast, 0),
         length=cfg.num_hidden_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, self.lora, self.specific_rank, dtype=self.dtype,
       param_dtype=self.param_dtype, deterministic=self.deterministic,
-      name="layers")
+      specific_tower=self.specific_tower, name="layers")
     self.norm = lm_model.RMSNorm(cfg.rms_norm_eps,
                                  param_dtype=self.param_dtype,
                                  unit_offset=cfg.norm_unit_offset,
                                  name="norm")
-    self.specific_norm = TrainableRMSNorm(
-        cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset,
-        name="specific_norm")
+    if self.specific_tower:
+      self.specific_norm = TrainableRMSNorm(
+          cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset,
+          name="specific_norm")
     self.inv_freq = rope_lib.inverse_frequencies(cfg.rope, cfg.head_dim)
     self.sliding_inv_freq = None
     if cfg.sliding_rope is not None:
@@ -363,18 +375,26 @@ class QuerierStack(nn.Module):
     self.is_sliding = np.array(
         [t == SLIDING_ATTENTION for t in cfg.layer_types], dtype=bool)
 
-  def __call__(self, input_ids, positions, key_valid):
-    """Return `(general, specific, specific_last_layer)`, each `[b, s, d]`.
+  def __call__(self, input_ids, positions, key_valid, cache=None,
+               cache_index=0):
+    """Return `(general, specific, specific_last_layer, cache)`.
+
+    The hidden states are `[batch, seq, embed]`; without `specific_tower`
+    the two specific entries are None.
 
     Args:
       input_ids: `[batch, seq]` token ids.
       positions: `[batch, seq]` RoPE positions.
-      key_valid: `[batch, seq]`, False at padding.
+      key_valid: `[batch, kv_len]`, False at padding; kv_len is the cache
+        length when decoding, else seq.
+      cache: a `KVCache` from `QuerierLM.init_cache`, or None.
+      cache_index: slot of the first token of `input_ids` in the cache.
     """
-    # Each row appears twice: row 2i feeds the general tower, 2i + 1 the
-    # specific one.
-    input_ids, positions, key_valid = (
-        jnp.repeat(a, 2, axis=0) for a in (input_ids, positions, key_valid))
+    if self.specific_tower:
+      # Each row appears twice: row 2i feeds the general tower, 2i + 1 the
+      # specific one.
+      input_ids, positions, key_valid = (
+          jnp.repeat(a, 2, axis=0) for a in (input_ids, positions, key_valid))
     x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
     if self.config.embed_scale is not None:
       x = x * jnp.asarray(self.config.embed_scale, self.dtype)
@@ -384,16 +404,22 @@ class QuerierStack(nn.Module):
     if self.sliding_inv_freq is not None:
       sliding_rope = rope_lib.rotary_tables(positions, self.sliding_inv_freq)
     mask_full, mask_sliding = lm_model.attention_masks(
-        self.config, key_valid, input_ids.shape[1], 0)
+        self.config, key_valid, input_ids.shape[1], cache_index)
     if mask_sliding is not None and self.is_sliding.all():
       mask_full, mask_sliding = mask_sliding, None
-    x, _ = self.layers(x, cos, sin, mask_full, mask_sliding,
-                       jnp.asarray(self.is_sliding), sliding_rope)
+    layer_cache = None if cache is None else (cache.keys, cache.values)
+    x, layer_cache = self.layers(x, cos, sin, mask_full, mask_sliding,
+                                 jnp.asarray(self.is_sliding), sliding_rope,
+                                 cache_index, layer_cache)
+    new_cache = None if cache is None else lm_model.KVCache(*layer_cache)
+    if not self.specific_tower:
+      return self.norm(x), None, None, new_cache
     general, specific = split_towers(x)
     general_final = self.norm(general)
     frozen_scale = nn.meta.unbox(self.norm.variables[FROZEN]["scale"])
     specific_final = self.specific_norm(specific, frozen_scale)
-    return general_final, specific_final.astype(general_final.dtype), specific
+    return (general_final, specific_final.astype(general_final.dtype),
+            specific, new_cache)
 
 
 class QuerierLM(nn.Module):
@@ -411,6 +437,9 @@ class QuerierLM(nn.Module):
     param_dtype: dtype the frozen weights are stored in.
     remat_policy: "none", or a name in `lm_model.REMAT_POLICIES`.
     deterministic: disables LoRA dropout (evaluation and tests).
+    specific_tower: False gives the plain LoRA fine-tune: the general tower
+      alone feeds the LM head, and `specific_rank` and `gated_merge` are
+      unused.
   """
 
   config: LMConfig
@@ -421,19 +450,21 @@ class QuerierLM(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   deterministic: bool = True
+  specific_tower: bool = True
 
   def setup(self):
     cfg = self.config
     self.model = QuerierStack(
         cfg, self.lora, self.specific_rank, dtype=self.dtype,
         param_dtype=self.param_dtype, remat_policy=self.remat_policy,
-        deterministic=self.deterministic, name="model")
+        deterministic=self.deterministic, specific_tower=self.specific_tower,
+        name="model")
     if not cfg.tie_word_embeddings:
       self.lm_head = lm_model.Projection(
           (cfg.hidden_size, cfg.padded_vocab_size), ("embed", "vocab"),
           "bsd,dv->bsv", dtype=self.dtype, param_dtype=self.param_dtype,
           name="lm_head")
-    if self.gated_merge:
+    if self.gated_merge and self.specific_tower:
       self.gate = nn.Dense(
           1, kernel_init=nn.with_logical_partitioning(
               nn.initializers.zeros, ("embed", None)),
@@ -450,17 +481,54 @@ class QuerierLM(nn.Module):
 
   def towers(self, input_ids, positions, key_valid) -> TowerOutputs:
     """Run both towers on `[batch, seq]` inputs and merge them."""
-    general, specific, last_layer = self.model(input_ids, positions,
-                                               key_valid)
-    if self.gated_merge:
+    return self._towers(input_ids, positions, key_valid)[0]
+
+  def _towers(self, input_ids, positions, key_valid, cache=None,
+              cache_index=0) -> tuple[TowerOutputs, lm_model.KVCache | None]:
+    general, specific, last_layer, cache = self.model(
+        input_ids, positions, key_valid, cache, cache_index)
+    if not self.specific_tower:
+      merged = general
+    elif self.gated_merge:
       both = jnp.concatenate([general, specific], axis=-1).astype(jnp.float32)
       weight = jax.nn.sigmoid(self.gate(both)).astype(general.dtype)
       merged = weight * general + (1 - weight) * specific
     else:
       merged = (general + specific) / 2
-    return TowerOutputs(general, specific, last_layer, merged)
+    return TowerOutputs(general, specific, last_layer, merged), cache
 
   def __call__(self, input_ids, positions, key_valid):
     """Return `(logits [batch, seq, vocab], TowerOutputs)`."""
     outputs = self.towers(input_ids, positions, key_valid)
     return self.project_to_vocab(outputs.merged), outputs
+
+  def decode(self, input_ids, positions, key_valid, cache, cache_index,
+             last_only: bool = False):
+    """Run one prefill or decode step with a KV cache.
+
+    Args:
+      input_ids: `[batch, seq]` token ids written to cache slots
+        `cache_index .. cache_index + seq - 1`.
+      positions: `[batch, seq]` RoPE positions.
+      key_valid: `[batch, cache_len]`, False at padding slots.
+      cache: from `init_cache` with the same batch.
+      cache_index: slot of the first token of `input_ids`.
+      last_only: return the logits of the last token only.
+
+    Returns:
+      `(logits [batch, seq or 1, vocab], updated cache)`.
+    """
+    outputs, cache = self._towers(input_ids, positions, key_valid, cache,
+                                  cache_index)
+    merged = outputs.merged[:, -1:] if last_only else outputs.merged
+    return self.project_to_vocab(merged), cache
+
+  def init_cache(self, batch: int, max_len: int) -> lm_model.KVCache:
+    """Return an empty cache for `batch` sequences of up to `max_len` tokens.
+
+    With the specific tower the cache has `2 * batch` rows, the interleaved
+    rows of both towers, because their attention inputs differ after the
+    first layer.
+    """
+    rows = 2 * batch if self.specific_tower else batch
+    return lm_model.init_cache(self.config, rows, max_len, self.dtype)

@@ -15,7 +15,12 @@ list or JSON Lines), `seq_len`, `lora_rank`, `lora_alpha`, `lora_dropout`,
 ("prototype" or "instance"), `second_view` ("heads", "token_dropout" or
 "span_deletion"), `token_dropout_rate`, `span_deletion_fraction`,
 `contrastive_weight`, `contrastive_temperature`, `contrastive_clip`,
-`bank_length`, `projection_dim`, `projection_hidden_dim`, `sample_tokens`.
+`bank_length`, `projection_dim`, `projection_hidden_dim`, `sample_tokens`,
+`specific_tower`.
+
+`specific_tower = False` trains the plain LoRA fine-tune (FT) that the
+evaluation compares against: the general tower alone, on the same data,
+with the LM loss only (no specific tower, no heads, no memory bank).
 """
 
 from __future__ import annotations
@@ -56,18 +61,24 @@ def read_mqdialog_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
   return [record.to_json() for record in querier_data.read_mqdialog(path)]
 
 
+def prompt_text(record: dict[str, Any]) -> str:
+  """Return the context turns as "NAME: TEXT" lines, then "RESPONDER: "."""
+  turns = record["conversations"]
+  prompt = "".join(f"{t['from']}: {t['value']}\n" for t in turns[:-1])
+  return prompt + f"{record['target_role']}: "
+
+
 def encode_record(record: dict[str, Any], tokenizer: lm_adapter.TextTokenizer,
                   seq_len: int) -> dict[str, np.ndarray]:
   """Encode one record as a right-padded window of `seq_len + 1` tokens.
 
   Returns `tokens` and `valid` (`[seq_len + 1]`) and `response` (`[seq_len
-  + 1]`, True at the reply's tokens).
+  + 1]`, True at the reply's tokens). The reply ends with a newline, so a
+  trained model ends its replies with one.
   """
-  turns = record["conversations"]
-  prompt = "".join(f"{t['from']}: {t['value']}\n" for t in turns[:-1])
-  prompt += f"{record['target_role']}: "
-  reply = tokenizer.encode(turns[-1]["value"] + "\n")[:seq_len]
-  prompt_ids = tokenizer.encode(prompt)
+  reply = tokenizer.encode(record["conversations"][-1]["value"] +
+                           "\n")[:seq_len]
+  prompt_ids = tokenizer.encode(prompt_text(record))
   prompt_ids = prompt_ids[max(0, len(prompt_ids) - (seq_len + 1 - len(reply))):]
   ids = np.concatenate([prompt_ids, reply]).astype(np.int32)
   window = np.zeros(seq_len + 1, np.int32)
@@ -146,13 +157,8 @@ class QuerierTask:
     self.num_clusters = 1 + max(int(r.get("cluster_id", 0))
                                 for r in self.records)
     self.examples = [self._encode(r) for r in self.records]
-    lora = querier_model.LoraConfig(config.lora_rank, config.lora_alpha,
-                                    config.lora_dropout)
-    dtype = jnp.dtype(config.dtype)
-    self.model = querier_model.QuerierLM(
-        self.lm.config, lora=lora, specific_rank=config.specific_rank,
-        gated_merge=config.gated_merge, dtype=dtype, param_dtype=dtype,
-        remat_policy=config.remat_policy, deterministic=True)
+    self.specific_tower = bool(config.specific_tower)
+    self.model = build_model(self.lm.config, config)
     self.train_model = self.model.clone(deterministic=False)
     self.heads = contrastive.ContrastiveHeads(
         self.num_clusters, config.projection_hidden_dim,
@@ -175,6 +181,8 @@ class QuerierTask:
     # init also creates zero "frozen" weights; only "params" is returned, so
     # XLA drops them.
     model_params = self.model.init(model_rng, ids, ids, valid)["params"]
+    if not self.specific_tower:
+      return {"model": model_params}
     # The specific tower's final norm starts as a copy of the frozen one.
     frozen_scale = self.frozen["frozen"]["model"]["norm"]["scale"]
     box = model_params["model"]["specific_norm"]["scale"]
@@ -185,7 +193,9 @@ class QuerierTask:
                                    jnp.zeros((1,), jnp.int32))["params"]
     return {"model": model_params, "heads": heads_params}
 
-  def init_aux_state(self) -> contrastive.MemoryBank:
+  def init_aux_state(self) -> contrastive.MemoryBank | dict[str, Any]:
+    if not self.specific_tower:
+      return {}
     return contrastive.init_bank(self.num_clusters, len(self.queriers),
                                  self._config.bank_length,
                                  self._config.projection_dim)
@@ -212,6 +222,8 @@ class QuerierTask:
                                    valid[:, :-1], first_rng)
     lm_loss = masked_cross_entropy(logits, tokens[:, 1:],
                                    batch["response"][:, 1:])
+    if not self.specific_tower:
+      return lm_loss, ({"lm_loss": lm_loss}, bank)
     views = self._views(trainable, frozen, batch, outputs, second_rng)
     contrastive_loss, bank = self._contrastive(views, batch, bank)
     clipped = jnp.minimum(contrastive_loss, self._config.contrastive_clip)
@@ -255,7 +267,7 @@ class QuerierTask:
     dataset = grain.MapDataset.source(self.examples)
     dataset = dataset[jax.process_index()::jax.process_count()]
     dataset = dataset.shuffle(seed=seed).repeat()
-    if self._config.second_view != "heads":
+    if self.specific_tower and self._config.second_view != "heads":
       mode = self._config.second_view
       rate = (self._config.token_dropout_rate if mode == "token_dropout" else
               self._config.span_deletion_fraction)
@@ -326,6 +338,25 @@ def _count(tree: PyTree) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
+def build_model(lm_config: Any, config: ml_collections.ConfigDict | dict[str, Any]
+                ) -> querier_model.QuerierLM:
+  """Build the deterministic `QuerierLM` that a querier config describes.
+
+  `config` is the run's config, or its JSON form from a checkpoint or an
+  export; the key `specific_tower` may be missing (runs without it had the
+  specific tower).
+  """
+  lora = querier_model.LoraConfig(config["lora_rank"], config["lora_alpha"],
+                                  config["lora_dropout"])
+  dtype = jnp.dtype(config["dtype"])
+  specific_tower = bool(config.get("specific_tower", True))
+  return querier_model.QuerierLM(
+      lm_config, lora=lora, specific_rank=config["specific_rank"],
+      gated_merge=config["gated_merge"] and specific_tower, dtype=dtype,
+      param_dtype=dtype, remat_policy=config["remat_policy"],
+      deterministic=True, specific_tower=specific_tower)
+
+
 def make_task(config: ml_collections.ConfigDict, mesh: Mesh) -> QuerierTask:
   return QuerierTask(config, mesh)
 
@@ -353,4 +384,5 @@ def add_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.projection_dim = 128
   config.projection_hidden_dim = 512
   config.sample_tokens = 32
+  config.specific_tower = True
   return config

@@ -80,6 +80,22 @@ def read_metadata(workdir: str | os.PathLike[str],
   return step, dict(metadata)
 
 
+def restore_state_on_one_device(path: pathlib.Path) -> dict[str, Any]:
+  """Restore a saved train state onto the default device.
+
+  The checkpoint records the training mesh's shardings, which need not
+  exist here (a pod checkpoint on a laptop), so the target is rebuilt from
+  the stored shapes with a single-device sharding.
+  """
+  checkpointer = ocp.StandardCheckpointer()
+  stored = checkpointer.metadata(path).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+      stored)
+  return checkpointer.restore(path, target)
+
+
 class FrozenSourceMismatchError(ValueError):
   """The checkpoint was trained beside different frozen weights."""
 

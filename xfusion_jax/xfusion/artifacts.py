@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
 from xfusion_jax import llm
@@ -103,27 +102,12 @@ def load_workdir(workdir: str | os.PathLike[str],
   lm = llm.from_pretrained(source["path"], dtype=settings["dtype"])
   module, frozen = _build(lm, settings)
   directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  state = _restore_on_one_device(directory / str(step) / checkpointing.STATE)
+  state = checkpointing.restore_state_on_one_device(
+      directory / str(step) / checkpointing.STATE)
   params = state["params"]
   return TrainedXFusion(lm, module, frozen, params,
                         {k: settings[k] for k in _MODEL_KEYS if k in settings},
                         run_config=settings, step=step)
-
-
-def _restore_on_one_device(path: pathlib.Path) -> dict[str, Any]:
-  """Restore a saved train state onto the default device.
-
-  The checkpoint records the training mesh's shardings, which need not
-  exist here (a pod checkpoint on a laptop), so the target is rebuilt from
-  the stored shapes with a single-device sharding.
-  """
-  checkpointer = ocp.StandardCheckpointer()
-  stored = checkpointer.metadata(path).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-      stored)
-  return checkpointer.restore(path, target)
 
 
 def _flatten(tree: Any) -> dict[str, np.ndarray]:

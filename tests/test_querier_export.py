@@ -1,0 +1,240 @@
+"""Querier export (PEFT LoRA), KV-cache replies and the evaluation CLI."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+
+import hf_models
+from xfusion_jax import llm
+from xfusion_jax.querier import artifacts
+from xfusion_jax.querier import contrastive
+from xfusion_jax.querier import evaluate
+from xfusion_jax.querier import inference
+from xfusion_jax.querier import task as querier_task
+from xfusion_jax.train import loop
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+sys.path.insert(0, str(REPO / "tests"))
+import querier_tiny  # pylint: disable=g-import-not-at-top,wrong-import-position
+import test_querier_model  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SETTINGS = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.05,
+            "specific_rank": 8, "gated_merge": True, "specific_tower": True,
+            "dtype": "float32", "remat_policy": "none", "seq_len": 48}
+SEQ = 24
+
+
+@pytest.fixture(name="model_dirs", scope="module")
+def fixture_model_dirs(tmp_path_factory):
+  # A vocabulary of 256 lets the task use UTF-8 bytes as tokens.
+  root = tmp_path_factory.mktemp("models")
+  return {
+      "llama": hf_models.save_model(
+          hf_models.build_model(hf_models.tiny_config("llama",
+                                                      vocab_size=256)),
+          root / "llama"),
+      "gemma3": hf_models.save_model(
+          hf_models.build_model(hf_models.tiny_gemma3_config(vocab_size=256)),
+          root / "gemma3"),
+  }
+
+
+def random_trained(model_dir, specific_tower=True, seed=0):
+  """A querier model whose every trainable leaf is random, LoRA B included."""
+  lm = llm.from_pretrained(model_dir, dtype="float32")
+  settings = dict(SETTINGS, specific_tower=specific_tower)
+  module = querier_task.build_model(lm.config, settings)
+  ids = jnp.zeros((1, 2), jnp.int32)
+  params = nn.meta.unbox(module.init(jax.random.key(seed), ids, ids,
+                                     jnp.ones((1, 2), bool))["params"])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  params = jax.tree.unflatten(tree, [
+      leaf + 0.1 * jax.random.normal(k, leaf.shape)
+      for leaf, k in zip(leaves, keys)])
+  heads = None
+  if specific_tower:
+    module_heads = contrastive.ContrastiveHeads(2, 16, 8)
+    heads = nn.meta.unbox(module_heads.init(
+        jax.random.key(seed + 2), jnp.zeros((1, 1, lm.config.hidden_size)),
+        jnp.ones((1, 1), bool), jnp.zeros((1,), jnp.int32))["params"])
+  return artifacts.TrainedQuerier(lm, module, params, heads, settings)
+
+
+def token_ids(seed=0):
+  return np.random.default_rng(seed).integers(3, 256, (2, SEQ))
+
+
+def apply(trained, method=None, seed=0):
+  ids = jnp.asarray(token_ids(seed))
+  positions = jnp.broadcast_to(jnp.arange(SEQ), ids.shape)
+  valid = jnp.ones(ids.shape, bool)
+  if method is None:
+    return np.asarray(trained.module.apply(trained.variables, ids, positions,
+                                           valid)[0])
+  return np.asarray(trained.module.apply(trained.variables, ids, positions,
+                                         valid, method=method))
+
+
+def general_logits(module, *args):
+  return module.project_to_vocab(module.towers(*args).general)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3"])
+def test_peft_logits_equal_general_tower(model_dirs, model_type, tmp_path):
+  trained = random_trained(model_dirs[model_type])
+  artifacts.export(trained, tmp_path)
+  assert (tmp_path / "adapter_config.json").is_file()
+  assert (tmp_path / "adapter_model.safetensors").is_file()
+
+  base = transformers.AutoModelForCausalLM.from_pretrained(
+      tmp_path / "llm", dtype=torch.float32, attn_implementation="eager")
+  model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+  assert isinstance(model.peft_config["default"], peft.LoraConfig)
+  with torch.no_grad():
+    got = model(torch.as_tensor(token_ids())).logits.numpy()
+    with model.disable_adapter():
+      without_lora = model(torch.as_tensor(token_ids())).logits.numpy()
+  want = apply(trained, general_logits)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  # The adapters change the output, so the equality above tests them.
+  assert np.abs(without_lora - want).max() > 1e-2
+
+
+def test_plain_lora_equals_general_tower(model_dirs):
+  trained = random_trained(model_dirs["llama"])
+  plain = random_trained(model_dirs["llama"], specific_tower=False)
+  shared = {k: v for k, v in trained.params["model"]["layers"].items()
+            if k != "specific_mlp"}
+  assert (jax.tree.structure(plain.params) ==
+          jax.tree.structure({"model": {"layers": shared}}))
+  plain.params = {"model": {"layers": shared}}
+  np.testing.assert_allclose(apply(plain), apply(trained, general_logits),
+                             atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("specific_tower", [True, False])
+def test_export_round_trip_identical(model_dirs, specific_tower, tmp_path):
+  trained = random_trained(model_dirs["gemma3"], specific_tower)
+  artifacts.export(trained, tmp_path)
+  loaded = artifacts.load_export(tmp_path)
+  assert loaded.settings == trained.settings
+  assert (jax.tree.structure(loaded.params) ==
+          jax.tree.structure(trained.params))
+  for got, want in zip(jax.tree.leaves(loaded.params),
+                       jax.tree.leaves(trained.params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  if specific_tower:
+    for got, want in zip(jax.tree.leaves(loaded.heads),
+                         jax.tree.leaves(trained.heads)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  else:
+    assert not (tmp_path / artifacts.SPECIFIC_FILE).exists()
+  np.testing.assert_array_equal(apply(loaded), apply(trained))
+
+
+def greedy_without_cache(forward, prompt, count, stop_ids):
+  """Append argmax tokens by re-running the whole sequence each step."""
+  tokens = list(prompt)
+  new = []
+  for _ in range(count):
+    ids = jnp.asarray([tokens])
+    logits = forward(ids, jnp.arange(len(tokens))[None],
+                     jnp.ones(ids.shape, bool))
+    token = int(jnp.argmax(logits[0, -1]))
+    new.append(token)
+    tokens.append(token)
+    if token in stop_ids:
+      break
+  return new
+
+
+@pytest.mark.parametrize("system,model_type", [
+    ("frozen", "gemma3"), ("plain", "llama"), ("querier", "llama"),
+    ("querier", "gemma3")])
+def test_cached_replies_match_full_forward(model_dirs, system, model_type):
+  trained = random_trained(model_dirs[model_type],
+                           specific_tower=system == "querier")
+  records = test_querier_model.make_records()[:3]
+  if system == "frozen":
+    generator = inference.ReplyGenerator(trained.lm, prompt_tokens=40,
+                                         max_new_tokens=6, batch_size=2)
+
+    def forward(*args):
+      return trained.lm.module.apply(trained.lm.variables, *args)[0]
+  else:
+    generator = inference.ReplyGenerator(
+        trained.lm, trained.module, trained.params, prompt_tokens=40,
+        max_new_tokens=6, batch_size=2)
+
+    def forward(*args):
+      return trained.module.apply(trained.variables, *args)[0]
+  # Prompts of different lengths share a batch, so left padding is tested.
+  assert len({len(generator.prompt_ids(r)) for r in records}) > 1
+  for record, tokens in zip(records, generator.tokens(records)):
+    want = greedy_without_cache(forward, generator.prompt_ids(record), 6,
+                                generator.stop_ids)
+    assert tokens[:len(want)].tolist() == want
+
+
+def train_run(model_dir, train_file, workdir, specific_tower):
+  config = querier_tiny.get_config()
+  config.update(model_dir=str(model_dir), train_file=str(train_file),
+                specific_tower=specific_tower, total_steps=2,
+                checkpoint_every=2, sample_every=0)
+  loop.train(config, workdir)
+
+
+def test_evaluate_and_export_cli(model_dirs, tmp_path):
+  data = tmp_path / "data"
+  data.mkdir()
+  records = test_querier_model.make_records()
+  (data / "train.json").write_text(json.dumps(records), encoding="utf-8")
+  (data / "test.json").write_text(json.dumps(records[::3]), encoding="utf-8")
+  train_run(model_dirs["llama"], data / "train.json", tmp_path / "querier",
+            True)
+  train_run(model_dirs["llama"], data / "train.json", tmp_path / "ft", False)
+
+  results = evaluate.evaluate_workdir(
+      tmp_path / "querier", evaluate.EvalConfig(max_new_tokens=8),
+      ft_workdir=tmp_path / "ft")
+  scores = results["scores"]
+  assert list(scores) == ["zero-shot", "FT", "querier-aware"]
+  queriers = sorted({r["input_role"] for r in records[::3]})
+  for rows in scores.values():
+    assert list(rows) == queriers + [evaluate.MEAN_OVER_QUERIERS,
+                                     evaluate.ALL_WINDOWS]
+    for row in rows.values():
+      assert all(0 <= row[m] <= 100 for m in evaluate.METRIC_NAMES)
+  table = (tmp_path / "querier" / "eval" / evaluate.TABLE_FILE).read_text(
+      encoding="utf-8")
+  assert "querier-aware R-L" in table
+  assert "FT B-4" in table
+  replies = (tmp_path / "querier" / "eval" / evaluate.REPLIES_FILE
+             ).read_text(encoding="utf-8").splitlines()
+  assert len(replies) == len(records[::3])
+
+  with pytest.raises(ValueError, match="plain LoRA run"):
+    evaluate.evaluate_workdir(tmp_path / "ft", evaluate.EvalConfig())
+
+  out = tmp_path / "export"
+  subprocess.run([sys.executable, "-m", "xfusion_jax.export",
+                  f"--workdir={tmp_path / 'querier'}", f"--out={out}"],
+                 check=True, cwd=REPO)
+  trained = artifacts.load_workdir(tmp_path / "querier")
+  loaded = artifacts.load_export(out)
+  np.testing.assert_array_equal(apply(loaded), apply(trained))
+  for got, want in zip(jax.tree.leaves(loaded.heads),
+                       jax.tree.leaves(trained.heads)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -1,0 +1,222 @@
+"""Score held-out replies of three systems: zero-shot, plain LoRA and querier.
+
+For every held-out MQDialog window, each system writes the responder's
+reply greedily (`inference.ReplyGenerator`), and the reply is scored
+against the real one with ROUGE-L and BLEU-1..4 (`metrics`):
+
+- zero-shot: the frozen LLM alone;
+- FT: a plain LoRA fine-tune on the same data (a querier run with
+  `specific_tower = False`), when its workdir is given;
+- querier-aware: the run being evaluated.
+
+Scores are given per querier (the `input_role` of the windows), as the
+unweighted mean over queriers and over all windows, in one Markdown table
+(`querier_eval.md`), plus `results.json` and every reply in
+`replies.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+
+from xfusion_jax.querier import artifacts
+from xfusion_jax.querier import data as querier_data
+from xfusion_jax.querier import inference
+from xfusion_jax.querier import metrics
+
+TABLE_FILE = "querier_eval.md"
+RESULTS_FILE = "results.json"
+REPLIES_FILE = "replies.jsonl"
+METRIC_NAMES = ("rouge_l",) + tuple(f"bleu_{n}" for n in metrics.BLEU_ORDERS)
+_METRIC_TITLES = {"rouge_l": "R-L", "bleu_1": "B-1", "bleu_2": "B-2",
+                  "bleu_3": "B-3", "bleu_4": "B-4"}
+MEAN_OVER_QUERIERS = "mean over queriers"
+ALL_WINDOWS = "all windows"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation settings.
+
+  Attributes:
+    test_file: MQDialog file of held-out windows; None takes `test.json`
+      (or `test.jsonl`) beside the run's `train_file`.
+    max_new_tokens: reply budget in tokens.
+    batch_size: windows per generation call.
+    max_windows: score only this many windows, spread evenly over the
+      file (None scores all).
+  """
+
+  test_file: str | None = None
+  max_new_tokens: int = 64
+  batch_size: int = 8
+  max_windows: int | None = None
+
+
+def default_test_file(train_file: str) -> pathlib.Path:
+  """Return the held-out file beside `train_file` (`train.json` -> `test.json`).
+
+  Raises:
+    FileNotFoundError: when there is none.
+  """
+  train = pathlib.Path(train_file)
+  for name in ("test" + train.suffix, "test.json", "test.jsonl"):
+    if (train.parent / name).is_file() and name != train.name:
+      return train.parent / name
+  raise FileNotFoundError(
+      f"No test.json or test.jsonl beside the run's train_file {train}; "
+      "give the held-out windows with --test_file.")
+
+
+def select_windows(records: list[dict[str, Any]],
+                   max_windows: int | None) -> list[dict[str, Any]]:
+  """Return at most `max_windows` records, spread evenly over the list."""
+  if max_windows is None or max_windows >= len(records):
+    return records
+  indices = np.linspace(0, len(records) - 1, max_windows).round().astype(int)
+  return [records[i] for i in sorted(set(indices.tolist()))]
+
+
+def score_table(replies: dict[str, Sequence[str]],
+                records: Sequence[dict[str, Any]]
+                ) -> dict[str, dict[str, dict[str, float]]]:
+  """Return `{system: {row: {metric: value}}}` with per-querier rows.
+
+  Rows are each querier, `MEAN_OVER_QUERIERS` (unweighted) and
+  `ALL_WINDOWS` (every window pooled). All values are in [0, 100].
+  """
+  references = [r["conversations"][-1]["value"] for r in records]
+  queriers = sorted({r["input_role"] for r in records})
+  table = {}
+  for system, texts in replies.items():
+    rows = {}
+    for querier in queriers:
+      chosen = [i for i, r in enumerate(records) if r["input_role"] == querier]
+      rows[querier] = metrics.score_replies([texts[i] for i in chosen],
+                                            [references[i] for i in chosen])
+    rows[MEAN_OVER_QUERIERS] = {
+        m: float(np.mean([rows[q][m] for q in queriers]))
+        for m in METRIC_NAMES}
+    rows[ALL_WINDOWS] = metrics.score_replies(list(texts), references)
+    table[system] = rows
+  return table
+
+
+def markdown_table(table: dict[str, dict[str, dict[str, float]]],
+                   counts: dict[str, int]) -> str:
+  """Render `score_table` output: one row per querier, five columns a system."""
+  systems = list(table)
+  header = ["querier", "windows"] + [
+      f"{system} {_METRIC_TITLES[m]}" for system in systems
+      for m in METRIC_NAMES]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+  for row in table[systems[0]]:
+    count = counts.get(row, counts[ALL_WINDOWS])
+    cells = [row, str(count)] + [f"{table[s][row][m]:.2f}" for s in systems
+                                 for m in METRIC_NAMES]
+    if row in (MEAN_OVER_QUERIERS, ALL_WINDOWS):
+      cells[0] = f"**{row}**"
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _generate(name: str, generator: inference.ReplyGenerator,
+              records: list[dict[str, Any]]) -> list[str]:
+  start = time.perf_counter()
+  replies = generator(records)
+  logging.info("%s: %d replies in %.1f s.", name, len(replies),
+               time.perf_counter() - start)
+  return replies
+
+
+def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
+                     ft_workdir: str | os.PathLike[str] | None = None,
+                     out_dir: str | os.PathLike[str] | None = None
+                     ) -> dict[str, Any]:
+  """Score the querier-aware run in `workdir` against zero-shot and FT.
+
+  Args:
+    workdir: a querier training workdir with the specific tower.
+    config: evaluation settings.
+    ft_workdir: the plain LoRA run (`specific_tower = False`) on the same
+      data beside the same frozen LLM; without it the table has no FT
+      columns.
+    out_dir: output folder; default `WORKDIR/eval`.
+
+  Returns:
+    The contents of `results.json`.
+
+  Raises:
+    ValueError: when a workdir contains the wrong kind of run.
+    FileNotFoundError: when a checkpoint or the test file is missing.
+  """
+  trained = artifacts.load_workdir(workdir)
+  if not trained.specific_tower:
+    raise ValueError(
+        f"{workdir} is a plain LoRA run (specific_tower = False); pass the "
+        "querier-aware run as --workdir and this one as --ft_workdir.")
+  run_config = trained.run_config
+  test_file = pathlib.Path(config.test_file or
+                           default_test_file(run_config["train_file"]))
+  records = select_windows(
+      [r.to_json() for r in querier_data.read_mqdialog(test_file)],
+      config.max_windows)
+  if not records:
+    raise ValueError(f"{test_file} contains no windows.")
+  seq_len = int(run_config["seq_len"])
+  common = dict(
+      prompt_tokens=max(seq_len - config.max_new_tokens, seq_len // 2),
+      max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+  logging.info("Scoring %d windows of %s.", len(records), test_file)
+
+  replies = {"zero-shot": _generate(
+      "zero-shot", inference.ReplyGenerator(trained.lm, **common), records)}
+  if ft_workdir is not None:
+    ft = artifacts.load_workdir(ft_workdir)
+    if ft.specific_tower:
+      raise ValueError(f"--ft_workdir {ft_workdir} has the specific tower; "
+                       "FT is a run with config.specific_tower = False.")
+    if ft.frozen_source["weights_sha256"] != trained.frozen_source[
+        "weights_sha256"]:
+      raise ValueError(f"{ft_workdir} was trained beside another frozen LLM "
+                       f"({ft.frozen_source['path']}) than {workdir}.")
+    replies["FT"] = _generate(
+        "FT", inference.ReplyGenerator(trained.lm, ft.module, ft.params,
+                                       **common), records)
+  replies["querier-aware"] = _generate(
+      "querier-aware",
+      inference.ReplyGenerator(trained.lm, trained.module, trained.params,
+                               **common), records)
+
+  table = score_table(replies, records)
+  counts = {q: sum(r["input_role"] == q for r in records)
+            for q in {r["input_role"] for r in records}}
+  counts[MEAN_OVER_QUERIERS] = counts[ALL_WINDOWS] = len(records)
+  out = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "eval"
+  out.mkdir(parents=True, exist_ok=True)
+  markdown = markdown_table(table, counts)
+  (out / TABLE_FILE).write_text(markdown, encoding="utf-8")
+  with open(out / REPLIES_FILE, "w", encoding="utf-8") as f:
+    for i, record in enumerate(records):
+      f.write(json.dumps({
+          "input_role": record["input_role"],
+          "target_role": record["target_role"],
+          "reference": record["conversations"][-1]["value"],
+          **{system: texts[i] for system, texts in replies.items()}},
+                         ensure_ascii=False) + "\n")
+  results = {"workdir": str(workdir), "ft_workdir": ft_workdir and str(
+      ft_workdir), "test_file": str(test_file), "windows": len(records),
+             "max_new_tokens": config.max_new_tokens, "scores": table,
+             "table": str(out / TABLE_FILE)}
+  with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2, ensure_ascii=False)
+  return results
