@@ -520,7 +520,7 @@ def unstack_layers(weights: dict[str, Any]) -> dict[str, Any]:
   XLA:CPU copies each layer's slice of the stacked weights before its
   matrix products, which doubles the memory traffic of a decode step. With
   separate arrays per layer there is no copy. The split arrays are new
-  buffers, so the caller holds the weights twice while it keeps both.
+  buffers, so the weights take twice the memory while both copies are kept.
   """
   model = dict(weights["model"])
   stacked = model.pop("layers")

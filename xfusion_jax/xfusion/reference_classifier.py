@@ -47,7 +47,7 @@ class FashionCNN(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """Logits `[batch, 10]` of images `[batch, 28, 28, 1]` in [0, 1]."""
+    """Return logits `[batch, 10]` of images `[batch, 28, 28, 1]` in [0, 1]."""
     x = images
     for features in (32, 64):
       x = nn.relu(nn.Conv(features, (3, 3))(x))
@@ -68,11 +68,12 @@ class ReferenceClassifier:
     self._logits = jax.jit(lambda p, x: FashionCNN().apply({"params": p}, x))
 
   def predict(self, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class ids of images `[n, 28, 28, 1]` with values in [0, 1]."""
+    """Return the class ids of images `[n, 28, 28, 1]` with values in [0, 1]."""
     images = np.asarray(images, np.float32)
     if images.shape[1:] != (28, 28, 1):
-      raise ValueError(f"The reference classifier takes [n, 28, 28, 1] "
-                       f"images, got shape {images.shape}.")
+      raise ValueError(f"Invalid image shape {images.shape}: the reference "
+                       "classifier expects [n, 28, 28, 1] images. Decode "
+                       "latents of 28x28 Fashion-MNIST images.")
     out = [np.asarray(self._logits(self.params, images[i:i + batch_size]))
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out).argmax(-1)
@@ -80,7 +81,7 @@ class ReferenceClassifier:
 
 def load_split(split: str, data_dir: str | os.PathLike[str] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-  """Images in [0, 1] `[n, 28, 28, 1]` and labels `[n]` of one split."""
+  """Return the images `[n, 28, 28, 1]` in [0, 1] and labels `[n]` of a split."""
   source = datasets.data_source(DATASET, split, data_dir)
   records = source.__getitems__(range(len(source)))
   images = np.stack([r["image"] for r in records]).astype(np.float32) / 255.0

@@ -218,27 +218,7 @@ class XFusionTask:
     return int(np.sum(batch["und_valid"]))
 
   def flop_count(self) -> FlopCount:
-    """Frozen-aware FLOPs per token, averaged over text and image tokens.
-
-    Image tokens pass the trainable vision blocks (6N). Text tokens pass the
-    frozen blocks; gradients flow back through them into earlier image
-    tokens, so they count 4N. Both towers compute keys and values of every
-    token. NOTE: this is an estimate that ignores the LM head's share and
-    attends over the full square of the sequence.
-    """
-    cfg = self.module.lm_config
-    layers = self.frozen["layers"]["text"]
-    layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(layers))
-    kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (
-        cfg.num_key_value_heads * cfg.head_dim)
-    image_fraction = self.module.config.tokens_per_image / self.seq_len
-    width = cfg.num_attention_heads * cfg.head_dim
-    attention = 4 * cfg.num_hidden_layers * self.seq_len * width
-    return FlopCount(
-        trainable_params=int(image_fraction * layer_params + kv),
-        frozen_backprop_params=int((1 - image_fraction) * layer_params + kv),
-        frozen_forward_params=0,
-        attention_flops_per_token=attention)
+    return flop_count(self.module, self.frozen, self.seq_len)
 
   def samples(self, trainable: PyTree, step: int,
               workdir: str) -> dict[str, Any]:
@@ -284,6 +264,31 @@ class XFusionTask:
     if images.shape[-1] == 1:
       images = np.repeat(images, 3, axis=-1)
     return np.concatenate(list(images), axis=1)
+
+
+def flop_count(module: model_lib.XFusion, frozen: PyTree,
+               seq_len: int) -> FlopCount:
+  """Frozen-aware FLOPs per token, averaged over text and image tokens.
+
+  Image tokens pass the trainable vision blocks (6N). Text tokens pass the
+  frozen blocks; gradients flow back through them into earlier image
+  tokens, so they count 4N. Both towers compute keys and values of every
+  token. NOTE: this is an estimate that ignores the LM head's share and
+  attends over the full square of the sequence.
+  """
+  cfg = module.lm_config
+  layers = frozen["layers"]["text"]
+  layer_params = sum(math.prod(x.shape) for x in jax.tree.leaves(layers))
+  kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (
+      cfg.num_key_value_heads * cfg.head_dim)
+  image_fraction = module.config.tokens_per_image / seq_len
+  width = cfg.num_attention_heads * cfg.head_dim
+  attention = 4 * cfg.num_hidden_layers * seq_len * width
+  return FlopCount(
+      trainable_params=int(image_fraction * layer_params + kv),
+      frozen_backprop_params=int((1 - image_fraction) * layer_params + kv),
+      frozen_forward_params=0,
+      attention_flops_per_token=attention)
 
 
 def make_task(config: ml_collections.ConfigDict, mesh: Mesh) -> XFusionTask:
