@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "ml-dtypes==0.7.0",
     "pillow==13.0.0",
     "tensorboardX==2.6.5",
+    # The ablation harness draws its plots with it.
+    "matplotlib==3.11.2",
     # tensorflow-datasets 4.9.10 imports it while building a dataset but does
     # not declare it.
     "importlib_resources==7.1.0",
