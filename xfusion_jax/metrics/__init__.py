@@ -1,0 +1,1 @@
+"""Model-independent metrics: BLEU of generated text, Fréchet distance of features."""
