@@ -30,7 +30,7 @@ import numpy as np
 from xfusion_jax.querier import artifacts
 from xfusion_jax.querier import data as querier_data
 from xfusion_jax.querier import inference
-from xfusion_jax.querier import metrics
+from xfusion_jax.metrics import text as metrics
 
 TABLE_FILE = "querier_eval.md"
 RESULTS_FILE = "results.json"

@@ -142,13 +142,14 @@ def caption_accuracy(trained: artifacts.TrainedXFusion, latent_dataset: str,
 
   Returns:
     The figures (class accuracy, the fraction naming no class, corpus BLEU-4
-    and BLEU-1 against each record's caption) and one line per example.
+    and BLEU-1 in [0, 100] against each record's caption) and one line per
+    example.
   """
   source = datasets.data_source(latent_dataset, "test")
   records = source.__getitems__(range(min(examples, len(source))))
   latents = np.stack([r["latent_mean"] for r in records]).astype(np.float32)
   labels = np.asarray([r["label"] for r in records])
-  references = [[_as_text(r["caption"])] for r in records]
+  references = [_as_text(r["caption"]) for r in records]
   texts = []
   batch = 50
   for i in range(0, len(latents), batch):
@@ -162,7 +163,7 @@ def caption_accuracy(trained: artifacts.TrainedXFusion, latent_dataset: str,
   figures = {
       "accuracy": float(np.mean(correct)),
       "no_class_named": float(np.mean([n is None for n in named])),
-      "bleu4": text_metrics.corpus_bleu(texts, references),
+      "bleu4": text_metrics.corpus_bleu(texts, references, max_order=4),
       "bleu1": text_metrics.corpus_bleu(texts, references, max_order=1),
       "examples": len(texts),
   }

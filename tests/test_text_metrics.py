@@ -6,7 +6,7 @@ import math
 import pytest
 
 from xfusion_jax.querier import evaluate
-from xfusion_jax.querier import metrics
+from xfusion_jax.metrics import text as metrics
 
 
 def reference_lcs(a, b):

@@ -1,4 +1,4 @@
-"""BLEU and the Fréchet distance against hand-computed and SciPy values."""
+"""The Fréchet distance against hand-computed and SciPy values."""
 
 import math
 
@@ -7,59 +7,6 @@ import pytest
 import scipy.linalg
 
 from xfusion_jax.metrics import frechet
-from xfusion_jax.metrics import text
-
-
-def test_tokenize_splits_punctuation():
-  assert text.tokenize("A Photo, of a T-shirt.") == [
-      "a", "photo", ",", "of", "a", "t", "-", "shirt", "."]
-
-
-def test_bleu_identical_text_is_one():
-  caption = "a black and white photo of a bag"
-  assert text.corpus_bleu([caption], [[caption]]) == pytest.approx(1.0)
-
-
-def test_bleu_clips_repeated_words():
-  # "the" counts at most twice, as often as in the reference.
-  score = text.corpus_bleu(["the the the the the the the"],
-                           [["the cat is on the mat"]], max_order=1)
-  assert score == pytest.approx(2 / 7)
-
-
-def test_bleu_brevity_penalty():
-  score = text.corpus_bleu(["a photo of"], [["a photo of a bag"]],
-                           max_order=1)
-  assert score == pytest.approx(math.exp(1 - 5 / 3))
-
-
-def test_bleu_closest_reference_length_prefers_shorter():
-  # References of 2 and 6 words are equally close to 4; the shorter one
-  # counts, so there is no brevity penalty.
-  score = text.corpus_bleu(["a b c d"], [["a b", "a b c d e f"]],
-                           max_order=1)
-  assert score == pytest.approx(1.0)
-
-
-def test_bleu_sums_counts_over_corpus():
-  # Unigrams 4/5 and bigrams 2/3 over both sentences; lengths are equal.
-  score = text.corpus_bleu(["a b c", "x y"], [["a b c"], ["x z"]],
-                           max_order=2)
-  assert score == pytest.approx(math.sqrt(0.8 * 2 / 3))
-
-
-def test_bleu_without_match_is_zero():
-  assert text.corpus_bleu(["a b c d"], [["e f g h"]]) == 0.0
-  assert text.corpus_bleu([""], [["a bag"]]) == 0.0
-
-
-def test_bleu_rejects_bad_input():
-  with pytest.raises(ValueError, match="2 candidates but 1"):
-    text.corpus_bleu(["a", "b"], [["a"]])
-  with pytest.raises(ValueError, match="Example 0 has no reference"):
-    text.corpus_bleu(["a"], [[]])
-  with pytest.raises(ValueError, match="max_order"):
-    text.corpus_bleu(["a"], [["a"]], max_order=0)
 
 
 def _scipy_frechet(a, b):
