@@ -28,8 +28,8 @@ def get_config():
   config.latent_channels = 4
   config.patch_size = 1
   config.max_caption_tokens = 12
-  # About 2.5 s per step on two otherwise idle cores, so training takes
-  # about 45 minutes. Batch 8 buys twice the updates of batch 16 in that
+  # About 3 s per step on two otherwise idle cores, so training takes
+  # about 53 minutes. Batch 8 buys twice the updates of batch 16 in that
   # time.
   config.total_steps = 1000
   config.batch_size = 8

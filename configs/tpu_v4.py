@@ -23,6 +23,10 @@ def get_config():
   # 256 image tokens + BOI/EOI + caption + EOS = 336 slots per example; a
   # global batch of 2,400 examples is about 0.8M tokens per step.
   config.batch_size = 2400
+  # 25 micro-batches of 96 examples: the activations of 96 examples fit a
+  # v4 chip's HBM with Llama-3.2-1B on v4-8 (docs/aot.md), those of 2,400
+  # do not.
+  config.grad_accum_steps = 25
   config.learning_rate = 1e-4
   config.warmup_steps = 1000
   config.total_steps = 100_000

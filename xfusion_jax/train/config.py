@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 1000
   # Global batch size, in examples, summed over all processes.
   config.batch_size = 8
+  # Micro-batches per step: the batch is split into this many parts whose
+  # gradients are averaged, so activations of only one part are in memory.
+  config.grad_accum_steps = 1
   config.learning_rate = 1e-4
   config.warmup_steps = 100
   # Learning rate at the end of the cosine decay, as a fraction of the peak.

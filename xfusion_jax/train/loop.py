@@ -93,6 +93,7 @@ class TrainProgram:
   schedule: optax.Schedule
   seed: int
   rules: sharding_lib.Rules
+  grad_accum_steps: int = 1
   state_shardings: TrainState = dataclasses.field(init=False)
   abstract_state: TrainState = dataclasses.field(init=False)
   batch_sharding: NamedSharding = dataclasses.field(init=False)
@@ -186,9 +187,44 @@ class TrainProgram:
                                                 aux)
     return (loss, metrics), grads, new_aux
 
+  def accumulated_loss_grads_and_aux(self, params: PyTree, frozen: PyTree,
+                                     batch: Batch, rng: jax.Array,
+                                     aux: PyTree):
+    """Like `loss_grads_and_aux`, over `grad_accum_steps` micro-batches.
+
+    Micro-batch i takes rows i, i + k, i + 2k, ... of the batch (k =
+    `grad_accum_steps`), so that every device holds an equal share of each,
+    and its own RNG `fold_in(rng, i)`. The gradients, loss and metrics are
+    the means over micro-batches, and the auxiliary state passes through
+    them in order. Only one micro-batch's activations are alive at a time.
+    """
+    k = self.grad_accum_steps
+    if k == 1:
+      return self.loss_grads_and_aux(params, frozen, batch, rng, aux)
+    micro_sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
+
+    def split(x):
+      x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+      return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+    def body(carry, inputs):
+      grad_sum, aux = carry
+      index, micro = inputs
+      (loss, metrics), grads, aux = self.loss_grads_and_aux(
+          params, frozen, micro, jax.random.fold_in(rng, index), aux)
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      return (grad_sum, aux), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grad_sum, aux), (losses, metrics) = jax.lax.scan(
+        body, (zeros, aux), (jnp.arange(k), jax.tree.map(split, batch)))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    return (jnp.mean(losses), metrics), grads, aux
+
   def _step(self, state: TrainState, frozen: PyTree, batch: Batch):
     rng = jax.random.fold_in(self._step_key, state.step)
-    (loss, task_metrics), grads, aux = self.loss_grads_and_aux(
+    (loss, task_metrics), grads, aux = self.accumulated_loss_grads_and_aux(
         state.params, frozen, batch, rng, state.aux)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -249,7 +285,8 @@ def build_program(config: ml_collections.ConfigDict, task: Task,
                   mesh: Mesh) -> TrainProgram:
   tx, schedule = optimizer_lib.make_optimizer(config)
   return TrainProgram(task=task, mesh=mesh, tx=tx, schedule=schedule,
-                      seed=config.seed, rules=sharding_lib.DEFAULT_RULES)
+                      seed=config.seed, rules=sharding_lib.DEFAULT_RULES,
+                      grad_accum_steps=config.grad_accum_steps)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -265,6 +302,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.sample_every < 0:
     raise ValueError(
         f"config.sample_every must be >= 0, got {config.sample_every}.")
+  if config.grad_accum_steps < 1 or config.batch_size % (
+      config.grad_accum_steps * jax.process_count()):
+    raise ValueError(
+        f"config.grad_accum_steps={config.grad_accum_steps} must be >= 1 and "
+        f"divide config.batch_size={config.batch_size} / "
+        f"{jax.process_count()} processes. Choose a divisor.")
   if config.batch_size % jax.process_count():
     raise ValueError(
         f"config.batch_size={config.batch_size} is not divisible by the "
