@@ -59,7 +59,7 @@ def read_metadata(workdir: str | os.PathLike[str],
                   step: int | None = None) -> tuple[int, dict[str, Any]]:
   """Return the step and metadata of a workdir's latest (or given) checkpoint.
 
-  The metadata holds `config` (the run's config as JSON text) and
+  The metadata contains `config` (the run's config as JSON text) and
   `frozen_source` (path and weight hash of the frozen model).
 
   Raises:

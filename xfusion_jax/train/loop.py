@@ -193,7 +193,7 @@ class TrainProgram:
     """Like `loss_grads_and_aux`, over `grad_accum_steps` micro-batches.
 
     Micro-batch i takes rows i, i + k, i + 2k, ... of the batch (k =
-    `grad_accum_steps`), so that every device holds an equal share of each,
+    `grad_accum_steps`), so that every device gets an equal share of each,
     and its own RNG `fold_in(rng, i)`. The gradients, loss and metrics are
     the means over micro-batches, and the auxiliary state passes through
     them in order. Only one micro-batch's activations are alive at a time.
