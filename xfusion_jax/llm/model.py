@@ -377,8 +377,16 @@ class DecoderStack(nn.Module):
     self.is_sliding = np.array(
         [t == SLIDING_ATTENTION for t in cfg.layer_types], dtype=bool)
 
+  def _embed(self, input_ids):
+    x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+    if self.config.embed_scale is not None:
+      # Gemma rounds the multiplier to the compute dtype (sqrt(640) is 25.25
+      # in bfloat16), as transformers does with its weight dtype.
+      x = x * jnp.asarray(self.config.embed_scale, self.dtype)
+    return x
+
   def __call__(self, input_ids, positions, key_valid, cache=None,
-               cache_index=0):
+               cache_index=0, embeddings=None):
     """Run the stack; return final hidden states and the updated cache.
 
     Args:
@@ -387,12 +395,14 @@ class DecoderStack(nn.Module):
       key_valid: `[batch, kv_len]`; kv_len is the cache length when decoding.
       cache: a KVCache or None.
       cache_index: slot of the first token of `input_ids` in the cache.
+      embeddings: `[batch, seq, embed]` input embeddings that replace the
+        table lookup of `input_ids` (already scaled where the model scales
+        its embeddings), or None.
     """
-    x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
-    if self.config.embed_scale is not None:
-      # Gemma rounds the multiplier to the compute dtype (sqrt(640) is 25.25
-      # in bfloat16), as transformers does with its weight dtype.
-      x = x * jnp.asarray(self.config.embed_scale, self.dtype)
+    if embeddings is not None:
+      x = embeddings.astype(self.dtype)
+    else:
+      x = self._embed(input_ids)
     x = _residual_constraint(x)
     cos, sin = rope_lib.rotary_tables(positions, self.inv_freq)
     sliding_rope = None
@@ -507,10 +517,14 @@ class CausalLM(nn.Module):
                         self.lm_head)
 
   def __call__(self, input_ids, positions, key_valid, cache=None,
-               cache_index=0):
-    """Return `(logits [batch, seq, vocab], updated cache)`."""
+               cache_index=0, embeddings=None):
+    """Return `(logits [batch, seq, vocab], updated cache)`.
+
+    `embeddings`, if given, replace the table lookup of `input_ids`; see
+    `DecoderStack`.
+    """
     hidden, cache = self.model(input_ids, positions, key_valid, cache,
-                               cache_index)
+                               cache_index, embeddings)
     return self.project_to_vocab(hidden), cache
 
 

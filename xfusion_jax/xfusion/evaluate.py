@@ -181,10 +181,17 @@ def _text_only_logits(trained: artifacts.TrainedXFusion,
   """float32 logits `[batch, seq, vocab]` of the X-Fusion model on text only."""
   zeros = np.zeros_like(ids)
   positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-  out = trained.module.apply(
-      {"frozen": trained.frozen, "params": trained.params}, ids, zeros,
-      zeros, positions, np.ones(ids.shape, bool))
-  return np.asarray(out.text_logits, np.float32)
+
+  # Jitted like the frozen LLM's own logits: XLA rounds an op-by-op run
+  # differently from a compiled one.
+  @jax.jit
+  def forward(variables, ids):
+    out = trained.module.apply(variables, ids, zeros, zeros, positions,
+                               np.ones(ids.shape, bool))
+    return out.text_logits[..., :trained.lm.config.vocab_size]
+
+  variables = {"frozen": trained.frozen, "params": trained.params}
+  return np.asarray(forward(variables, ids), np.float32)
 
 
 def text_logit_difference(trained: artifacts.TrainedXFusion) -> float:

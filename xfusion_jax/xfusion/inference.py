@@ -45,16 +45,21 @@ def generate_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   h, w = cfg.latent_size
   noise = jax.random.normal(rng, (n, 1, h, w, cfg.latent_channels))
 
-  def velocity_fn(x, t):
-    out = module.apply(variables, doubled["tokens"], doubled["kinds"],
-                       doubled["image_ids"], doubled["positions"],
-                       doubled["valid"], jnp.concatenate([x, x]),
-                       jnp.concatenate([t, t]))
-    cond, uncond = jnp.split(out.velocity, 2)
-    return flow.guided(cond, uncond, cfg_scale)
+  def sample(variables, z):
 
-  return jax.jit(lambda z: flow.euler_sample(velocity_fn, z, steps))(noise)[:,
-                                                                            0]
+    def velocity_fn(x, t):
+      out = module.apply(variables, doubled["tokens"], doubled["kinds"],
+                         doubled["image_ids"], doubled["positions"],
+                         doubled["valid"], jnp.concatenate([x, x]),
+                         jnp.concatenate([t, t]))
+      cond, uncond = jnp.split(out.velocity, 2)
+      return flow.guided(cond, uncond, cfg_scale)
+
+    return flow.euler_sample(velocity_fn, z, steps)
+
+  # Weights are arguments, not closed-over constants, which XLA would try
+  # to constant-fold at compile time.
+  return jax.jit(sample)(variables, noise)[:, 0]
 
 
 def _text_decoder(module: model_lib.XFusion, frozen, params):
@@ -102,9 +107,9 @@ def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   decoder, decoder_variables = _text_decoder(module, frozen, params)
   rng = jax.random.key(0) if rng is None else rng
 
-  def run(latents, rng):
+  def run(variables, decoder_variables, latents, rng):
     out = prefix_module.apply(
-        _variables(frozen, params), rows["tokens"], rows["kinds"],
+        variables, rows["tokens"], rows["kinds"],
         rows["image_ids"], rows["positions"], rows["valid"],
         latents[:, None].astype(jnp.float32), jnp.zeros((n, 1)))
     keys, values = out.text_kv
@@ -122,4 +127,5 @@ def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, eos_ids=tuple(eos_ids), pad_id=pad_id)
 
-  return np.asarray(jax.jit(run)(latents, rng))
+  return np.asarray(jax.jit(run)(_variables(frozen, params),
+                                 decoder_variables, latents, rng))

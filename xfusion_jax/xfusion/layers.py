@@ -94,7 +94,7 @@ class Block(nn.Module):
     keys, values = self.keys_values(normed, inputs.cos, inputs.sin)
     queries = self.queries(normed, inputs.cos, inputs.sin)
     attended = lm_model.attend(queries, keys, values, inputs.mask,
-                               self.config.head_dim**-0.5)
+                               self.config.attention_scale)
     return self.feed_forward(x + self.attention_output(attended))
 
 
@@ -186,7 +186,7 @@ class FusionLayer(nn.Module):
 
   def _dual_tower(self, x, inputs: LayerInputs, text_len: int):
     text, vision = self.text, self.vision
-    scale = self.config.head_dim**-0.5
+    scale = self.config.attention_scale
     cos_text, cos_image = _split(inputs.cos, text_len)
     sin_text, sin_image = _split(inputs.sin, text_len)
     mask_text, mask_image = _split(inputs.mask, text_len, axis=2)
@@ -237,7 +237,7 @@ class FusionLayer(nn.Module):
     keys = jnp.concatenate([keys_t, keys_v], axis=1)
     values = jnp.concatenate([values_t, values_v], axis=1)
     attended = lm_model.attend(queries, keys, values, inputs.mask,
-                               self.config.head_dim**-0.5)
+                               self.config.attention_scale)
     attended_text, attended_image = _split(attended, text_len)
     out_text = text.feed_forward(x_text + text.attention_output(attended_text))
     out_image = vision.feed_forward(

@@ -183,6 +183,16 @@ class XFusion(nn.Module):
       raise ValueError(
           f"align_layer {self.align_layer} is outside the stack. Pass a "
           f"layer from 1 to {num_layers}.")
+    unsupported = [name for name, used in (
+        ("qk_norm", lm_cfg.qk_norm), ("sandwich_norms", lm_cfg.sandwich_norms),
+        ("embed_scale", lm_cfg.embed_scale is not None),
+        ("norm_unit_offset", lm_cfg.norm_unit_offset),
+        ("sliding_window", lm_cfg.uses_sliding_window)) if used]
+    if unsupported:
+      raise ValueError(
+          f"X-Fusion's fusion layers implement the Llama block; this "
+          f"{lm_cfg.model_type} checkpoint also uses {', '.join(unsupported)}. "
+          "Pick a Llama, Mistral (without sliding window) or Qwen2 model.")
     d = lm_cfg.hidden_size
     frozen = dict(collection=lm_model.FROZEN, param_dtype=self.frozen_dtype)
     self.embed_tokens = lm_model.make_weight(
@@ -273,6 +283,8 @@ class XFusion(nn.Module):
       t: `[batch, images]` flow times of the latents, or None.
     """
     cfg = self.config
+    if latents is None and self._text_only_is_frozen_lm():
+      return self._frozen_lm_forward(tokens, kinds, positions, valid)
     order = text_first_order(kinds)
     image_slots = 0 if latents is None else (
         latents.shape[1] * cfg.tokens_per_image)
@@ -308,6 +320,34 @@ class XFusion(nn.Module):
       velocity = unpatchify(out.astype(jnp.float32), latents.shape[1],
                             cfg.latent_size, cfg.patch_size)
     return XFusionOutput(logits, text_order, velocity, text_kv, image_hidden)
+
+
+  def _text_only_is_frozen_lm(self) -> bool:
+    """Return whether text-only input runs exactly the frozen LLM.
+
+    In "dual_tower" and "dual_projection" text tokens only ever meet frozen
+    weights. Without images they form the frozen LLM's own computation,
+    which `_frozen_lm_forward` then runs through the LLM's code, so that XLA
+    compiles the same program and the logits match bit for bit. Running the
+    fusion layers instead gives the same values in exact arithmetic but
+    differently rounded float32 sums (1e-5 on a 30-layer model).
+    """
+    return (self.config.architecture in ("dual_tower", "dual_projection") and
+            not self.return_text_kv and self.align_layer is None and
+            not self.is_initializing())
+
+  def _frozen_lm_forward(self, tokens, kinds, positions, valid):
+    # A detached module (parent=None), applied as a pure function of the
+    # frozen weights rearranged into its layout.
+    lm = lm_model.CausalLM(self.lm_config, dtype=self.config.dtype,
+                           param_dtype=self.frozen_dtype, parent=None)
+    frozen = lm_from_frozen(self.variables[lm_model.FROZEN])
+    # BOI and EOI may appear without an image (a prompt that ends in BOI).
+    embeddings = self.embed_text(tokens, kinds)
+    logits, _ = lm.apply({lm_model.FROZEN: frozen}, tokens, positions,
+                         valid.astype(bool), embeddings=embeddings)
+    order = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return XFusionOutput(logits, order, None)
 
 
 def frozen_from_lm(weights: dict[str, Any]) -> dict[str, Any]:
