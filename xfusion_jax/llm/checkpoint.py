@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
@@ -288,14 +289,16 @@ class CheckpointReader(contextlib.AbstractContextManager):
     return None
 
 
-def _flatten(tree: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+def flatten_paths(tree: dict[str, Any]) -> dict[tuple[str, ...], Any]:
+  """Map each leaf of a nested dict to its key path."""
   flat = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     flat[tuple(k.key for k in path)] = leaf
   return flat
 
 
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+def unflatten_paths(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  """Rebuild the nested dict of `flatten_paths`."""
   tree: dict[str, Any] = {}
   for path, leaf in flat.items():
     node = tree
@@ -303,6 +306,23 @@ def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
       node = node.setdefault(key, {})
     node[path[-1]] = leaf
   return tree
+
+
+def flatten_named(tree: dict[str, Any],
+                  prefix: str = "") -> dict[str, np.ndarray]:
+  """Flatten a nested dict to NumPy leaves named `prefix/a/b/leaf`.
+
+  Exports store trainable heads under these names in safetensors files.
+  """
+  start = (prefix,) if prefix else ()
+  return {"/".join(start + path): np.asarray(leaf)
+          for path, leaf in flatten_paths(tree).items()}
+
+
+def unflatten_named(flat: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Rebuild the nested dict of `flatten_named`, as jax arrays."""
+  return unflatten_paths({tuple(name.split("/")): jnp.asarray(value)
+                          for name, value in flat.items()})
 
 
 def validate(reader: CheckpointReader, plans: dict[tuple[str, ...], LeafPlan],
@@ -356,8 +376,8 @@ def load_weights(reader: CheckpointReader, config: LMConfig,
   Returns:
     The tree of loaded `jax.Array`s.
   """
-  flat_abstract = _flatten(abstract)
-  flat_shardings = _flatten(shardings)
+  flat_abstract = flatten_paths(abstract)
+  flat_shardings = flatten_paths(shardings)
   plans = {path: leaf_plan(path, config) for path in flat_abstract}
   shapes = {path: unpadded_shape(plan, tuple(flat_abstract[path].shape),
                                  config)
@@ -372,7 +392,7 @@ def load_weights(reader: CheckpointReader, config: LMConfig,
                           config.padded_vocab_size)
     loaded[path] = jax.make_array_from_callback(
         tuple(flat_abstract[path].shape), flat_shardings[path], read)
-  return _unflatten(loaded)
+  return unflatten_paths(loaded)
 
 
 def unpadded_shape(plan: LeafPlan, shape: tuple[int, ...],
@@ -437,7 +457,7 @@ def hf_state_dict(weights: dict[str, Any],
                   config: LMConfig) -> dict[str, np.ndarray]:
   """Convert a tree of Flax leaves to HF tensors (host NumPy arrays)."""
   tensors = {}
-  for path, value in _flatten(weights).items():
+  for path, value in flatten_paths(weights).items():
     plan = leaf_plan(path, config)
     array = _to_host(value)
     if plan.vocab_axis is not None:

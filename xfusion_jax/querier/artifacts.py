@@ -32,6 +32,7 @@ import numpy as np
 import safetensors.numpy
 
 from xfusion_jax import llm
+from xfusion_jax.llm import checkpoint as hf_checkpoint
 from xfusion_jax.querier import model as querier_model
 from xfusion_jax.querier import task as querier_task
 from xfusion_jax.train import checkpointing
@@ -102,27 +103,15 @@ def load_workdir(workdir: str | os.PathLike[str],
     checkpointing.FrozenSourceMismatchError: when the frozen LLM the run
       trained beside has changed since.
   """
-  step, metadata = checkpointing.read_metadata(workdir, step)
-  run_config = json.loads(metadata["config"])
-  if run_config.get("task") != "querier":
-    raise ValueError(f"{workdir} contains a run of task "
-                     f"{run_config.get('task')!r}, not 'querier'.")
-  source = metadata["frozen_source"]
-  if checkpointing.hash_weight_files(source["path"]) != source[
-      "weights_sha256"]:
-    raise checkpointing.FrozenSourceMismatchError(
-        f"The frozen LLM at {source['path']} changed since {workdir} was "
-        "trained beside it.")
-  lm = llm.from_pretrained(source["path"], dtype=run_config["dtype"])
-  settings = _model_settings(run_config)
+  run = checkpointing.load_saved_run(workdir, step, task="querier")
+  lm = llm.from_pretrained(run.frozen_source["path"],
+                           dtype=run.config["dtype"])
+  settings = _model_settings(run.config)
   module = querier_task.build_model(lm.config, settings)
-  directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  state = checkpointing.restore_state_on_one_device(
-      directory / str(step) / checkpointing.STATE)
-  trainable = nn.meta.unbox(state["params"])
+  trainable = nn.meta.unbox(run.state["params"])
   return TrainedQuerier(lm, module, trainable["model"],
                         trainable.get("heads"), settings,
-                        run_config=run_config, frozen_source=dict(source))
+                        run_config=run.config, frozen_source=run.frozen_source)
 
 
 def peft_state_dict(params: Any) -> dict[str, np.ndarray]:
@@ -182,12 +171,6 @@ def _specific_state_dict(params: Any) -> dict[str, np.ndarray]:
   return tensors
 
 
-def _flatten(tree: Any, prefix: str) -> dict[str, np.ndarray]:
-  return {
-      prefix + "/" + "/".join(k.key for k in path): np.asarray(leaf)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def export(trained: TrainedQuerier, out_dir: str | os.PathLike[str]) -> None:
   """Write the export folder described in the module docstring."""
   out = pathlib.Path(out_dir)
@@ -206,9 +189,10 @@ def export(trained: TrainedQuerier, out_dir: str | os.PathLike[str]) -> None:
                                 out / SPECIFIC_FILE, {"format": "pt"})
     extra = {}
     if "gate" in trained.params:
-      extra.update(_flatten(trained.params["gate"], "gate"))
+      extra.update(
+          hf_checkpoint.flatten_named(trained.params["gate"], "gate"))
     if trained.heads is not None:
-      extra.update(_flatten(trained.heads, "heads"))
+      extra.update(hf_checkpoint.flatten_named(trained.heads, "heads"))
     safetensors.numpy.save_file(extra, out / HEADS_FILE)
   with open(out / CONFIG_FILE, "w", encoding="utf-8") as f:
     json.dump(trained.settings, f, indent=2)
@@ -263,7 +247,7 @@ def load_export(export_dir: str | os.PathLike[str]) -> TrainedQuerier:
     tensors.update({k: v for k, v in extra.items() if k.startswith("gate/")})
     heads_flat = {k[len("heads/"):]: v for k, v in extra.items()
                   if k.startswith("heads/")}
-    heads = _unflatten(heads_flat) if heads_flat else None
+    heads = hf_checkpoint.unflatten_named(heads_flat) if heads_flat else None
 
   def restore(path, leaf):
     keys = tuple(k.key for k in path)
@@ -281,12 +265,3 @@ def load_export(export_dir: str | os.PathLike[str]) -> TrainedQuerier:
   return TrainedQuerier(lm, module, params, heads, settings)
 
 
-def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = jnp.asarray(value)
-  return tree

@@ -13,6 +13,7 @@ previous checkpoint as the latest one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -98,6 +99,53 @@ def restore_state_on_one_device(path: pathlib.Path) -> dict[str, Any]:
 
 class FrozenSourceMismatchError(ValueError):
   """The checkpoint was trained beside different frozen weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+  """A training checkpoint read back for inference or export.
+
+  Attributes:
+    step: the checkpoint's step.
+    config: the run's config, as a dict.
+    frozen_source: path and weight hash of the frozen model it trained beside.
+    state: the train state (`step`, `params`, `opt_state`) on one device.
+  """
+
+  step: int
+  config: dict[str, Any]
+  frozen_source: dict[str, Any]
+  state: dict[str, Any]
+
+
+def load_saved_run(workdir: str | os.PathLike[str], step: int | None = None,
+                   task: str | None = None) -> SavedRun:
+  """Read a workdir's latest (or given) checkpoint onto the default device.
+
+  Args:
+    workdir: the training workdir.
+    step: the step to read; None reads the latest.
+    task: when given, the `config.task` the run must have.
+
+  Raises:
+    FileNotFoundError: when the workdir has no complete checkpoint.
+    ValueError: when the run's task is not `task`.
+    FrozenSourceMismatchError: when the frozen model's weight files changed
+      since the run trained beside them.
+  """
+  step, metadata = read_metadata(workdir, step)
+  config = json.loads(metadata["config"])
+  if task is not None and config.get("task") != task:
+    raise ValueError(f"{workdir} contains a run of task "
+                     f"{config.get('task')!r}, not {task!r}.")
+  source = dict(metadata["frozen_source"])
+  if hash_weight_files(source["path"]) != source["weights_sha256"]:
+    raise FrozenSourceMismatchError(
+        f"The frozen LLM at {source['path']} changed since {workdir} was "
+        "trained beside it.")
+  directory = pathlib.Path(workdir).resolve() / "checkpoints"
+  state = restore_state_on_one_device(directory / str(step) / STATE)
+  return SavedRun(step, config, source, state)
 
 
 class Checkpointer:

@@ -88,44 +88,17 @@ def load_workdir(workdir: str | os.PathLike[str],
 
   Raises:
     FileNotFoundError: when the workdir has no complete checkpoint.
+    ValueError: when the workdir contains a run of another task.
     checkpointing.FrozenSourceMismatchError: when the frozen LLM the run
       trained beside has changed since.
   """
-  step, metadata = checkpointing.read_metadata(workdir, step)
-  settings = json.loads(metadata["config"])
-  source = metadata["frozen_source"]
-  if checkpointing.hash_weight_files(source["path"]) != source[
-      "weights_sha256"]:
-    raise checkpointing.FrozenSourceMismatchError(
-        f"The frozen LLM at {source['path']} changed since {workdir} was "
-        "trained beside it.")
-  lm = llm.from_pretrained(source["path"], dtype=settings["dtype"])
+  run = checkpointing.load_saved_run(workdir, step, task="xfusion")
+  settings = run.config
+  lm = llm.from_pretrained(run.frozen_source["path"], dtype=settings["dtype"])
   module, frozen = _build(lm, settings)
-  directory = pathlib.Path(workdir).resolve() / "checkpoints"
-  state = checkpointing.restore_state_on_one_device(
-      directory / str(step) / checkpointing.STATE)
-  params = state["params"]
-  return TrainedXFusion(lm, module, frozen, params,
+  return TrainedXFusion(lm, module, frozen, run.state["params"],
                         {k: settings[k] for k in _MODEL_KEYS if k in settings},
-                        run_config=settings, step=step)
-
-
-def _flatten(tree: Any) -> dict[str, np.ndarray]:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    flat["/".join(k.key for k in path)] = np.asarray(leaf)
-  return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-  tree: dict[str, Any] = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = jnp.asarray(value)
-  return tree
+                        run_config=settings, step=run.step)
 
 
 def _tower_key(params: Any) -> str:
@@ -148,7 +121,8 @@ def export(trained: TrainedXFusion, out_dir: str | os.PathLike[str]) -> None:
                    if k not in ("text", "vision")}
   if layer_scalars:
     heads["layers"] = layer_scalars
-  safetensors.numpy.save_file(_flatten(heads), out / HEADS_FILE)
+  safetensors.numpy.save_file(hf_checkpoint.flatten_named(heads),
+                              out / HEADS_FILE)
   settings = dict(trained.settings, tower=_tower_key(params))
   with open(out / CONFIG_FILE, "w", encoding="utf-8") as f:
     json.dump(settings, f, indent=2)
@@ -173,7 +147,8 @@ def load_export(export_dir: str | os.PathLike[str]) -> TrainedXFusion:
     hf_tensors = {name: f.get_tensor(name) for name in f.keys()}
   stack = _from_hf(hf_tensors, stack_shapes, lm.config, param_dtype)
   with safetensors.safe_open(folder / HEADS_FILE, "np") as f:
-    params = _unflatten({name: f.get_tensor(name) for name in f.keys()})
+    params = hf_checkpoint.unflatten_named(
+        {name: f.get_tensor(name) for name in f.keys()})
   layer_scalars = params.pop("layers", {})
   params["layers"] = dict(layer_scalars,
                           **{settings["tower"]: stack["model"]["layers"]})
@@ -195,10 +170,4 @@ def _from_hf(tensors, shapes, config, dtype):
               for name in plan.hf_names]
     value = np.stack(blocks) if plan.stacked else blocks[0]
     out[keys] = jnp.asarray(value, dtype)
-  tree: dict[str, Any] = {}
-  for keys, value in out.items():
-    node = tree
-    for key in keys[:-1]:
-      node = node.setdefault(key, {})
-    node[keys[-1]] = value
-  return tree
+  return hf_checkpoint.unflatten_paths(out)
