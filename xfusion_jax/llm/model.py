@@ -239,7 +239,13 @@ class MLP(nn.Module):
                       ("embed",), name="down_proj", **common)(hidden)
 
 
-def _residual_constraint(x: jax.Array) -> jax.Array:
+def constrain_residual(x: jax.Array) -> jax.Array:
+  """Shard a residual stream `[batch, seq, embed]` by the logical axis rules.
+
+  Without it XLA may keep the layout of the embedding-table gather (embed
+  split over "fsdp", batch replicated), so every device computes the whole
+  batch. Outside `nn.logical_axis_rules` it is a no-op.
+  """
   return nn.with_logical_constraint(
       x, ("activation_batch", "activation_length", "activation_embed"))
 
@@ -283,7 +289,7 @@ class DecoderLayer(nn.Module):
             normed, cos, sin, mask, cache, cache_index)
     if cfg.sandwich_norms:
       attn_out = norm("post_attention_layernorm")(attn_out)
-    x = _residual_constraint(x + attn_out)
+    x = constrain_residual(x + attn_out)
     # Llama names its MLP input norm post_attention_layernorm; Gemma uses
     # that name for the attention output norm above.
     mlp_norm = ("pre_feedforward_layernorm" if cfg.sandwich_norms else
@@ -292,7 +298,7 @@ class DecoderLayer(nn.Module):
         norm(mlp_norm)(x))
     if cfg.sandwich_norms:
       mlp_out = norm("post_feedforward_layernorm")(mlp_out)
-    x = _residual_constraint(x + mlp_out)
+    x = constrain_residual(x + mlp_out)
     return x, cache
 
 
@@ -403,7 +409,7 @@ class DecoderStack(nn.Module):
       x = embeddings.astype(self.dtype)
     else:
       x = self._embed(input_ids)
-    x = _residual_constraint(x)
+    x = constrain_residual(x)
     cos, sin = rope_lib.rotary_tables(positions, self.inv_freq)
     sliding_rope = None
     if self.sliding_inv_freq is not None:

@@ -299,7 +299,7 @@ class QuerierLayer(nn.Module):
             norm("input_layernorm")(x), cos, sin, mask, cache, cache_index)
     if cfg.sandwich_norms:
       attn_out = norm("post_attention_layernorm")(attn_out)
-    x = lm_model._residual_constraint(x + attn_out)  # pylint: disable=protected-access
+    x = lm_model.constrain_residual(x + attn_out)
 
     mlp_norm = ("pre_feedforward_layernorm" if cfg.sandwich_norms else
                 "post_attention_layernorm")
@@ -317,7 +317,7 @@ class QuerierLayer(nn.Module):
       mlp_out = general_mlp(norm(mlp_norm)(x))
     if cfg.sandwich_norms:
       mlp_out = norm("post_feedforward_layernorm")(mlp_out)
-    x = lm_model._residual_constraint(x + mlp_out)  # pylint: disable=protected-access
+    x = lm_model.constrain_residual(x + mlp_out)
     return x, cache
 
 
@@ -398,7 +398,7 @@ class QuerierStack(nn.Module):
     x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
     if self.config.embed_scale is not None:
       x = x * jnp.asarray(self.config.embed_scale, self.dtype)
-    x = lm_model._residual_constraint(x)  # pylint: disable=protected-access
+    x = lm_model.constrain_residual(x)
     cos, sin = rope_lib.rotary_tables(positions, self.inv_freq)
     sliding_rope = None
     if self.sliding_inv_freq is not None:

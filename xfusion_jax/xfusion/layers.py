@@ -85,8 +85,10 @@ class Block(nn.Module):
     return self.self_attn.o_proj(attended)
 
   def feed_forward(self, x):
-    """Residual MLP half of the layer."""
-    return x + self.mlp(self.post_attention_layernorm(x))
+    """Residual MLP half of the layer, on batch-sharded residual streams."""
+    x = lm_model.constrain_residual(x)
+    return lm_model.constrain_residual(
+        x + self.mlp(self.post_attention_layernorm(x)))
 
   def __call__(self, x, inputs: LayerInputs):
     """Apply the whole layer to every token ("gated" and "single_tower")."""
@@ -180,6 +182,7 @@ class FusionLayer(nn.Module):
       x = base + self.gate.astype(x.dtype) * (self.vision(x, inputs) - x)
     else:
       x = self.text(x, inputs)
+    x = lm_model.constrain_residual(x)
     if self.return_image_hidden:
       return x, (text_kv, x[:, text_len:])
     return x, text_kv

@@ -295,6 +295,7 @@ class XFusion(nn.Module):
                         _take_rows(kinds, text_order))
     if latents is not None:
       x = jnp.concatenate([x, self.embed_images(latents, t)], axis=1)
+    x = lm_model.constrain_residual(x)
     mask = fusion_mask(kinds, image_ids, valid)[:, 0]
     mask = _take_rows(mask, order)
     mask = jnp.take_along_axis(mask, order[:, None, :], axis=2)[:, None]
