@@ -90,6 +90,7 @@ _V5E = dict(chip_config="default", hbm_bytes=16 * GIB, peak_flops=197e12,
 TOPOLOGIES = {
     t.name: t for t in (
         Topology("v4-8", "v4:2x2x1", wrap=(False, False, False), **_V4),
+        Topology("v4-16", "v4:2x2x2", wrap=(False, False, False), **_V4),
         Topology("v4-32", "v4:2x2x4", wrap=(False, False, True), **_V4),
         Topology("v4-128", "v4:4x4x4", wrap=(True, True, True), **_V4),
         Topology("v5e-16", "v5e:4x4", wrap=(False, False, False), **_V5E),
