@@ -309,12 +309,14 @@ def test_mesh_step_matches_single_device(model_dir, text_file):
                                atol=1e-6)
 
 
-def test_grad_accumulation_averages_micro_batches(model_dir, text_file):
+@pytest.mark.parametrize("unroll", [False, True])
+def test_grad_accumulation_averages_micro_batches(model_dir, text_file,
+                                                  unroll):
   """Accumulated gradients equal the mean of per-micro-batch gradients."""
   config = make_config(model_dir, text_file, grad_accum_steps=2)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   task = lm_adapter.make_task(config, mesh)
-  program = loop.build_program(config, task, mesh)
+  program = loop.build_program(config, task, mesh, unroll_grad_accum=unroll)
   state = program.init_state()
   batch = program.global_batch(next(task.train_data(config.seed)))
   rng = jax.random.key(3)

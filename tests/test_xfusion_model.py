@@ -162,6 +162,23 @@ def test_dual_tower_equals_reference(tiny_lm):
                                expected_velocity, atol=1e-4, rtol=0)
 
 
+def test_unrolled_layer_scan_is_identical(tiny_lm):
+  # The AOT cost count compiles the stack unrolled; only the loop changes.
+  module = _module(tiny_lm)
+  unrolled = xf.XFusion(tiny_lm.config, dataclasses.replace(
+      module.config, scan_unroll=tiny_lm.config.num_hidden_layers))
+  frozen = xf.frozen_from_lm(tiny_lm.weights)
+  params = _perturbed(nn.meta.unbox(
+      xf.init_trainable(module, frozen, jax.random.key(0))), seed=9)
+  rows, latents, t = _batch()
+  out = _apply(module, frozen, params, rows, latents, t)
+  out_unrolled = _apply(unrolled, frozen, params, rows, latents, t)
+  np.testing.assert_allclose(np.asarray(out_unrolled.text_logits),
+                             np.asarray(out.text_logits), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(out_unrolled.velocity),
+                             np.asarray(out.velocity), atol=1e-5, rtol=0)
+
+
 def test_mask_causal_text_bidirectional_image():
   rows, _, _ = _batch()
   mask = np.asarray(xf.fusion_mask(jnp.asarray(rows["kinds"]),

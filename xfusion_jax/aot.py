@@ -9,6 +9,12 @@ needed. The command prints per-chip memory against the chip's HBM, XLA's
 FLOP and byte counts and a roofline bound on the step time. It exits with
 status 1 when the step does not fit in HBM.
 
+XLA's cost analysis counts the body of a while loop once, and the step has
+two loops: the layer scan and the micro-batch loop of gradient
+accumulation. `loop_aware_cost` therefore compiles reduced copies of the
+step with both loops unrolled, at 1 and 2 layers and at two micro-batch
+counts, and extrapolates their costs bilinearly to the real counts.
+
 Only the "xfusion" task is supported.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from typing import Any
 
@@ -156,7 +163,7 @@ class AbstractXFusionTask(xfusion_task.XFusionTask):
 
   def __init__(self, config: ml_collections.ConfigDict,
                lm_config: lm_config_lib.LMConfig,
-               mesh: jax.sharding.Mesh):
+               mesh: jax.sharding.Mesh, scan_unroll: int = 1):
     # XFusionTask.__init__ loads weights and reads the dataset, so it is not
     # called.
     # pylint: disable=super-init-not-called
@@ -165,8 +172,9 @@ class AbstractXFusionTask(xfusion_task.XFusionTask):
     self.frozen = model_lib.frozen_from_lm(
         abstract_lm_weights(lm_config, dtype, mesh))
     self.frozen_source = {"path": "", "weights_sha256": ""}
-    self.module = model_lib.XFusion(lm_config,
-                                    xfusion_task.xfusion_config(config),
+    module_config = dataclasses.replace(xfusion_task.xfusion_config(config),
+                                        scan_unroll=scan_unroll)
+    self.module = model_lib.XFusion(lm_config, module_config,
                                     frozen_dtype=dtype)
     self.objective = xfusion_task.objective_config(config)
     if self.objective.lambda_align > 0:
@@ -224,9 +232,64 @@ class StepDoesNotFitError(RuntimeError):
   """XLA could not fit the compiled step in one chip's HBM."""
 
 
+@dataclasses.dataclass(frozen=True)
+class StepCost:
+  """XLA's cost analysis of one compiled step, per chip.
+
+  Attributes:
+    flops: floating-point operations.
+    bytes_accessed: operand and output bytes of every operation, XLA's
+      estimate of HBM traffic.
+    while_loops: while loops left in the optimized HLO, whose bodies the
+      cost analysis counts once however many times they run.
+  """
+
+  flops: float
+  bytes_accessed: float
+  while_loops: int
+
+  @classmethod
+  def of(cls, compiled: jax.stages.Compiled) -> "StepCost":
+    cost = compiled.cost_analysis()
+    # Older JAX returns one dict per computation.
+    if isinstance(cost, list):
+      cost = cost[0]
+    # An HLO while instruction prints as "%name = shape while(%init), ...".
+    loops = len(re.findall(r"\bwhile\(", compiled.as_text()))
+    return cls(flops=float(cost.get("flops", 0.0)),
+               bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+               while_loops=loops)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopAwareCost:
+  """FLOPs and bytes per chip of the step with every loop iteration counted.
+
+  Attributes:
+    flops: estimated FLOPs of the whole step.
+    bytes_accessed: estimated HBM bytes of the whole step.
+    samples: the reduced compiles that the estimate extrapolates, keyed by
+      (layers, micro-batches).
+  """
+
+  flops: float
+  bytes_accessed: float
+  samples: dict[tuple[int, int], StepCost]
+
+  @property
+  def loops_left(self) -> int:
+    """The maximum number of while loops left in an unrolled sample."""
+    return max(c.while_loops for c in self.samples.values())
+
+
 @dataclasses.dataclass
 class CompileReport:
-  """Per-chip figures of one compiled train step."""
+  """Per-chip figures of one compiled train step.
+
+  `flops` and `bytes_accessed` are XLA's raw cost analysis of the real
+  step, which counts each loop body once. `loop_cost`, when computed, counts
+  every layer and micro-batch, and only it makes the roofline meaningful.
+  """
 
   topology: Topology
   mesh_shape: dict[str, int]
@@ -237,6 +300,7 @@ class CompileReport:
   flops: float
   bytes_accessed: float
   model_flops_per_chip: float
+  loop_cost: LoopAwareCost | None = None
 
   @property
   def peak_bytes(self) -> int:
@@ -249,23 +313,26 @@ class CompileReport:
     return self.peak_bytes <= self.topology.hbm_bytes
 
   @property
-  def roofline_seconds(self) -> float:
-    """Lower bound on the step time, compute- or HBM-bound.
+  def roofline_seconds(self) -> float | None:
+    """Lower bound on the step time, compute- or HBM-bound, or None.
 
-    NOTE: XLA's cost analysis counts the body of a while loop once, so with
-    layers under `nn.scan` its FLOPs and bytes cover one layer. The compute
-    bound therefore also uses the frozen-aware model FLOPs, and the HBM
-    bound is too low by up to the layer count. Collectives are ignored.
+    It uses the loop-aware FLOPs and bytes, so it is None without
+    `loop_cost` or when while loops stayed in its samples, whose bodies XLA
+    counts once. NOTE: collectives and their overlap with compute are
+    ignored, so the real step can be slower than this bound.
     """
-    flops = max(self.flops, self.model_flops_per_chip)
-    return max(flops / self.topology.peak_flops,
-               self.bytes_accessed / self.topology.hbm_bandwidth)
+    if self.loop_cost is None or self.loop_cost.loops_left:
+      return None
+    return max(self.loop_cost.flops / self.topology.peak_flops,
+               self.loop_cost.bytes_accessed / self.topology.hbm_bandwidth)
 
   @property
-  def roofline_mfu(self) -> float:
+  def roofline_mfu(self) -> float | None:
     """Frozen-aware model FLOPs over peak FLOPs at the roofline step time."""
-    return self.model_flops_per_chip / (self.roofline_seconds *
-                                        self.topology.peak_flops)
+    seconds = self.roofline_seconds
+    if seconds is None:
+      return None
+    return self.model_flops_per_chip / (seconds * self.topology.peak_flops)
 
   def format(self) -> str:
     t = self.topology
@@ -278,20 +345,160 @@ class CompileReport:
         f"  temporaries {self.temp_bytes / GIB:8.2f} GiB",
         f"  total       {self.peak_bytes / GIB:8.2f} GiB of "
         f"{t.hbm_bytes / GIB:.0f} GiB HBM",
-        f"XLA cost per chip: {self.flops:.4g} FLOPs, "
-        f"{self.bytes_accessed:.4g} bytes accessed",
-        f"roofline step time >= {self.roofline_seconds * 1e3:.1f} ms "
-        f"(peak {t.peak_flops / 1e12:.0f} TFLOP/s, "
-        f"{t.hbm_bandwidth / 1e9:.0f} GB/s per chip)",
-        f"frozen-aware model FLOPs per chip: {self.model_flops_per_chip:.4g}; "
-        f"MFU at the roofline time: {self.roofline_mfu:.1%}",
+        f"raw XLA cost per chip (each loop body counted once): "
+        f"{self.flops:.4g} FLOPs, {self.bytes_accessed:.4g} bytes accessed",
+        f"frozen-aware model FLOPs per chip: {self.model_flops_per_chip:.4g}",
+    ]
+    cost = self.loop_cost
+    if cost is None:
+      lines.append("no roofline: the loop-aware cost was not computed")
+      return "\n".join(lines)
+    lines.append(
+        f"loop-aware XLA cost per chip (every layer and micro-batch): "
+        f"{cost.flops:.4g} FLOPs, {cost.bytes_accessed:.4g} bytes accessed")
+    if cost.loops_left:
+      # XLA's SPMD partitioner can turn FSDP matrix products into windowed
+      # einsum loops ("windowed_dot_general" in the HLO) that overlap the
+      # all-gather with the product, and unrolling does not remove them.
+      lines.append(
+          f"no roofline: {cost.loops_left} while loop(s) stayed in the "
+          "unrolled samples, so the loop-aware cost counts their bodies once "
+          "and is too low")
+      return "\n".join(lines)
+    seconds = self.roofline_seconds
+    compute = cost.flops / t.peak_flops
+    memory = cost.bytes_accessed / t.hbm_bandwidth
+    lines += [
+        f"roofline step time >= {seconds * 1e3:.1f} ms: compute "
+        f"{compute * 1e3:.1f} ms at {t.peak_flops / 1e12:.0f} TFLOP/s, HBM "
+        f"{memory * 1e3:.1f} ms at {t.hbm_bandwidth / 1e9:.0f} GB/s per chip",
+        f"frozen-aware MFU at the roofline time: {self.roofline_mfu:.1%} "
+        f"(model FLOPs / loop-aware FLOPs: "
+        f"{self.model_flops_per_chip / cost.flops:.1%})",
     ]
     return "\n".join(lines)
 
 
+def _check_config(config: ml_collections.ConfigDict,
+                  mesh: jax.sharding.Mesh) -> None:
+  if config.task != "xfusion":
+    raise ValueError(
+        f"config.task={config.task!r}: ahead-of-time compilation supports "
+        "only the 'xfusion' task.")
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % batch_shards:
+    raise ValueError(
+        f"config.batch_size={config.batch_size} is not divisible by the "
+        f"{batch_shards} batch shards of mesh {dict(mesh.shape)}; pass a "
+        f"--batch_size that is a multiple of {batch_shards}.")
+
+
+def _lower(config: ml_collections.ConfigDict,
+           lm_config: lm_config_lib.LMConfig, mesh: jax.sharding.Mesh,
+           unroll: bool = False
+           ) -> tuple[AbstractXFusionTask, jax.stages.Lowered]:
+  """Lower the step; `unroll` unrolls the layer scan and micro-batch loop."""
+  scan_unroll = lm_config.num_hidden_layers if unroll else 1
+  task = AbstractXFusionTask(config, lm_config, mesh, scan_unroll=scan_unroll)
+  program = loop.build_program(config, task, mesh, unroll_grad_accum=unroll)
+  batch = task.abstract_batch(config.batch_size, program.batch_sharding)
+  return task, program.lower_train_step(batch)
+
+
+def _with_layers(lm_config: lm_config_lib.LMConfig,
+                 layers: int) -> lm_config_lib.LMConfig:
+  """Return `lm_config` with `layers` layers, all of its single layer type."""
+  types = set(lm_config.layer_types)
+  if len(types) > 1:
+    # A 1- or 2-layer sample cannot stand for a mix of attention kinds.
+    raise ValueError(
+        f"Layer types {sorted(types)}: the loop-aware cost supports models "
+        "whose layers all have one type; pass --nocount_loops.")
+  return dataclasses.replace(lm_config, num_hidden_layers=layers,
+                             layer_types=tuple(types) * layers)
+
+
+def loop_aware_cost(config: ml_collections.ConfigDict,
+                    lm_config: lm_config_lib.LMConfig,
+                    mesh: jax.sharding.Mesh) -> LoopAwareCost:
+  """Estimate the step's per-chip FLOPs and bytes with every loop counted.
+
+  XLA's cost analysis counts a while loop's body once. This compiles the
+  step with the layer scan and the micro-batch loop unrolled at 1 and 2
+  layers and at two micro-batch
+  counts k0 < k1 (the two smallest from 2 up whose batches divide over the
+  mesh; only k itself when k <= 2 or no other count divides), keeping the
+  micro-batch size. The cost is modelled as bilinear in layers L and
+  micro-batches k:
+
+      cost(L, k) = a + b L + c k + d L k,
+
+  the optimizer and embedding (a, b), each micro-batch's fixed part (c)
+  and each layer of each micro-batch (d), which the four samples determine
+  exactly. The assumption is that XLA compiles every layer and micro-batch
+  alike in the real step and in the samples. Rematerialized recomputation,
+  attention and the optimizer are in the samples like any other HLO.
+  NOTE: loops that XLA adds itself (windowed einsums) stay in the samples,
+  and `LoopAwareCost.loops_left` counts them.
+  """
+  layers = lm_config.num_hidden_layers
+  steps = config.grad_accum_steps
+  micro_batch = config.batch_size // steps
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  counts_k = [k for k in range(2, steps + 1)
+              if micro_batch * k % batch_shards == 0][:2]
+  if steps <= 2 or len(counts_k) < 2:
+    counts_k = [steps]
+  samples = {}
+  for sample_layers in (1, 2):
+    sample_lm = _with_layers(lm_config, sample_layers)
+    for sample_steps in counts_k:
+      sample_config = config.copy_and_resolve_references()
+      sample_config.unlock()
+      sample_config.grad_accum_steps = sample_steps
+      sample_config.batch_size = micro_batch * sample_steps
+      _, lowered = _lower(sample_config, sample_lm, mesh, unroll=True)
+      samples[(sample_layers, sample_steps)] = StepCost.of(lowered.compile())
+
+  def extrapolate(field: str) -> float:
+    values = {key: getattr(cost, field) for key, cost in samples.items()}
+    return extrapolate_bilinear(values, layers, steps)
+
+  return LoopAwareCost(flops=extrapolate("flops"),
+                       bytes_accessed=extrapolate("bytes_accessed"),
+                       samples=samples)
+
+
+def extrapolate_bilinear(values: dict[tuple[int, int], float], layers: int,
+                         steps: int) -> float:
+  """Extrapolate a + b L + c k + d L k to (`layers`, `steps`).
+
+  Args:
+    values: the cost at (L, k) for L in (1, 2) and one or two values of k.
+      With one k, it must be `steps`.
+    layers: the real layer count.
+    steps: the real micro-batch count.
+  """
+  counts_k = sorted({k for _, k in values})
+  k0 = counts_k[0]
+  per_layer = values[(2, k0)] - values[(1, k0)]
+  total = values[(1, k0)] + (layers - 1) * per_layer
+  if len(counts_k) == 1:
+    if k0 != steps:
+      raise ValueError(
+          f"Invalid samples: only k={k0} was sampled, so the cost at "
+          f"k={steps} cannot be extrapolated. Sample two values of k.")
+    return total
+  k1 = counts_k[1]
+  per_step = (values[(1, k1)] - values[(1, k0)]) / (k1 - k0)
+  per_layer_step = (values[(2, k1)] - values[(1, k1)] - per_layer) / (k1 - k0)
+  return total + (steps - k0) * (per_step + (layers - 1) * per_layer_step)
+
+
 def compile_step(config: ml_collections.ConfigDict,
                  lm_config: lm_config_lib.LMConfig, topology: Topology,
-                 devices: list[jax.Device] | None = None
+                 devices: list[jax.Device] | None = None,
+                 count_loops: bool = True
                  ) -> tuple[jax.stages.Compiled, CompileReport]:
   """Compile the X-Fusion train step of `config` for `topology`.
 
@@ -301,27 +508,20 @@ def compile_step(config: ml_collections.ConfigDict,
     topology: the TPU slice, whose peak figures the report uses.
     devices: the devices to compile for (default: libtpu's description of
       `topology`).
+    count_loops: also compile the 2 or 4 reduced samples of
+      `loop_aware_cost`, which the roofline needs.
 
   Raises:
-    ValueError: if `config.task` is not "xfusion".
+    ValueError: if `config.task` is not "xfusion" or the batch does not
+      divide over the mesh.
+    StepDoesNotFitError: if XLA rejects the step for exceeding HBM.
   """
-  if config.task != "xfusion":
-    raise ValueError(
-        f"config.task={config.task!r}: ahead-of-time compilation supports "
-        "only the 'xfusion' task.")
   devices = devices or topology_devices(topology)
   mesh = sharding_lib.make_mesh(dict(config.mesh), devices)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % batch_shards:
-    raise ValueError(
-        f"config.batch_size={config.batch_size} is not divisible by the "
-        f"{batch_shards} batch shards of mesh {dict(mesh.shape)}; pass a "
-        f"--batch_size that is a multiple of {batch_shards}.")
-  task = AbstractXFusionTask(config, lm_config, mesh)
-  program = loop.build_program(config, task, mesh)
-  batch = task.abstract_batch(config.batch_size, program.batch_sharding)
+  _check_config(config, mesh)
+  task, lowered = _lower(config, lm_config, mesh)
   try:
-    compiled = program.lower_train_step(batch).compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     # XLA's TPU compiler rejects a program whose buffers exceed HBM.
     if "RESOURCE_EXHAUSTED" not in str(e):
@@ -333,10 +533,7 @@ def compile_step(config: ml_collections.ConfigDict,
         "activations.") from e
 
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  # Older JAX returns one dict per computation.
-  if isinstance(cost, list):
-    cost = cost[0]
+  cost = StepCost.of(compiled)
   tokens = config.batch_size * task.seq_len
   model_flops = task.flop_count().per_token() * tokens / len(devices)
   report = CompileReport(
@@ -345,9 +542,11 @@ def compile_step(config: ml_collections.ConfigDict,
       output_bytes=memory.output_size_in_bytes,
       alias_bytes=memory.alias_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes,
-      flops=float(cost.get("flops", 0.0)),
-      bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      model_flops_per_chip=model_flops)
+      flops=cost.flops,
+      bytes_accessed=cost.bytes_accessed,
+      model_flops_per_chip=model_flops,
+      loop_cost=(loop_aware_cost(config, lm_config, mesh)
+                 if count_loops else None))
   return compiled, report
 
 
@@ -375,6 +574,10 @@ _MODEL = flags.DEFINE_enum("model", "llama-3.2-1b", sorted(MODELS),
                            "Architecture of the frozen LLM.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", None, "Global batch in examples (default: the config's).")
+_COUNT_LOOPS = flags.DEFINE_boolean(
+    "count_loops", True,
+    "Also compile 2 or 4 reduced copies of the step with its loops unrolled, "
+    "to count every layer and micro-batch in the FLOPs, bytes and roofline.")
 
 
 def main(argv: list[str]) -> None:
@@ -389,7 +592,8 @@ def main(argv: list[str]) -> None:
   print(f"Compiling the {config.task} step for {_MODEL.value} on "
         f"{topology.name}, global batch {config.batch_size} examples.")
   try:
-    _, report = compile_step(config, lm_config, topology)
+    _, report = compile_step(config, lm_config, topology,
+                             count_loops=_COUNT_LOOPS.value)
   except StepDoesNotFitError as e:
     sys.exit(str(e))
   print(report.format())

@@ -94,6 +94,9 @@ class TrainProgram:
   seed: int
   rules: sharding_lib.Rules
   grad_accum_steps: int = 1
+  # Unrolls the micro-batch loop, so that XLA's cost analysis, which counts
+  # a loop body once, counts every micro-batch (see `xfusion_jax.aot`).
+  unroll_grad_accum: bool = False
   state_shardings: TrainState = dataclasses.field(init=False)
   abstract_state: TrainState = dataclasses.field(init=False)
   batch_sharding: NamedSharding = dataclasses.field(init=False)
@@ -217,7 +220,8 @@ class TrainProgram:
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grad_sum, aux), (losses, metrics) = jax.lax.scan(
-        body, (zeros, aux), (jnp.arange(k), jax.tree.map(split, batch)))
+        body, (zeros, aux), (jnp.arange(k), jax.tree.map(split, batch)),
+        unroll=self.unroll_grad_accum)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     return (jnp.mean(losses), metrics), grads, aux
@@ -282,11 +286,12 @@ def _all_finite(tree: PyTree) -> jax.Array:
 
 
 def build_program(config: ml_collections.ConfigDict, task: Task,
-                  mesh: Mesh) -> TrainProgram:
+                  mesh: Mesh, unroll_grad_accum: bool = False) -> TrainProgram:
   tx, schedule = optimizer_lib.make_optimizer(config)
   return TrainProgram(task=task, mesh=mesh, tx=tx, schedule=schedule,
                       seed=config.seed, rules=sharding_lib.DEFAULT_RULES,
-                      grad_accum_steps=config.grad_accum_steps)
+                      grad_accum_steps=config.grad_accum_steps,
+                      unroll_grad_accum=unroll_grad_accum)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

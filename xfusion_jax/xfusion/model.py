@@ -47,6 +47,9 @@ class XFusionConfig:
     dtype: compute dtype.
     param_dtype: storage dtype of trainable weights.
     remat_policy: "none" or a name in `lm_model.REMAT_POLICIES`.
+    scan_unroll: layers per iteration of the layer scan. Setting it to the
+      layer count unrolls the stack, so that XLA's cost analysis, which
+      counts a loop body once, counts every layer (see `xfusion_jax.aot`).
   """
 
   architecture: str = "dual_tower"
@@ -58,6 +61,7 @@ class XFusionConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_unroll: int = 1
 
   @property
   def tokens_per_image(self) -> int:
@@ -240,6 +244,7 @@ class XFusion(nn.Module):
         split_rngs={TRAINABLE: True},
         in_axes=(nn.broadcast,) * 4,
         length=self.lm_config.num_hidden_layers,
+        unroll=cfg.scan_unroll,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(self.lm_config, architecture=cfg.architecture,
       xfuse=cfg.xfuse, return_text_kv=self.return_text_kv,
