@@ -404,7 +404,9 @@ def init_trainable(module: XFusion, frozen: dict[str, Any],
   param_dtype = module.config.param_dtype
 
   def copy_of(box, source):
-    return box.replace_boxed(jnp.asarray(source, param_dtype))
+    # A real copy: with equal dtypes asarray would return the frozen buffer
+    # itself, and a step that donates the params would then free it.
+    return box.replace_boxed(jnp.array(source, param_dtype, copy=True))
 
   def copy_tree(boxes, sources):
     return jax.tree.map(copy_of, boxes, sources,
