@@ -425,11 +425,10 @@ def loop_aware_cost(config: ml_collections.ConfigDict,
 
   XLA's cost analysis counts a while loop's body once. This compiles the
   step with the layer scan and the micro-batch loop unrolled at 1 and 2
-  layers and at two micro-batch
-  counts k0 < k1 (the two smallest from 2 up whose batches divide over the
-  mesh; only k itself when k <= 2 or no other count divides), keeping the
-  micro-batch size. The cost is modelled as bilinear in layers L and
-  micro-batches k:
+  layers and at two micro-batch counts k0 < k1, keeping the micro-batch
+  size. The counts are the two smallest from 2 up whose batches divide over
+  the mesh, or only k itself when k <= 2 or no other count divides. The
+  cost is modelled as bilinear in layers L and micro-batches k:
 
       cost(L, k) = a + b L + c k + d L k,
 

@@ -69,9 +69,7 @@ def _text_decoder(module: model_lib.XFusion, frozen, params):
   if cfg.architecture == "single_tower":
     weights["model"]["layers"] = jax.tree.map(
         lambda p: p.astype(module.frozen_dtype), params["layers"]["text"])
-  decoder = lm_model.CausalLM(module.lm_config, dtype=cfg.dtype,
-                              param_dtype=module.frozen_dtype)
-  return decoder, {lm_model.FROZEN: weights}
+  return model_lib.frozen_decoder(module), {lm_model.FROZEN: weights}
 
 
 def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,

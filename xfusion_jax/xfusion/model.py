@@ -343,10 +343,7 @@ class XFusion(nn.Module):
             not self.is_initializing())
 
   def _frozen_lm_forward(self, tokens, kinds, positions, valid):
-    # A detached module (parent=None), applied as a pure function of the
-    # frozen weights rearranged into its layout.
-    lm = lm_model.CausalLM(self.lm_config, dtype=self.config.dtype,
-                           param_dtype=self.frozen_dtype, parent=None)
+    lm = frozen_decoder(self)
     frozen = lm_from_frozen(self.variables[lm_model.FROZEN])
     # BOI and EOI may appear without an image (a prompt that ends in BOI).
     embeddings = self.embed_text(tokens, kinds)
@@ -354,6 +351,17 @@ class XFusion(nn.Module):
                          valid.astype(bool), embeddings=embeddings)
     order = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return XFusionOutput(logits, order, None)
+
+
+def frozen_decoder(module: XFusion) -> lm_model.CausalLM:
+  """Return the plain LLM that runs `module`'s frozen weights.
+
+  The module is detached (parent=None), so it can be applied as a pure
+  function of the weights that `lm_from_frozen` rearranges, also from
+  inside `module`.
+  """
+  return lm_model.CausalLM(module.lm_config, dtype=module.config.dtype,
+                           param_dtype=module.frozen_dtype, parent=None)
 
 
 def frozen_from_lm(weights: dict[str, Any]) -> dict[str, Any]:
