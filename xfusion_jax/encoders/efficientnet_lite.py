@@ -52,6 +52,59 @@ _STAGES = (
 _CONVERTED_FILE = "efficientnet_lite0_flax.safetensors"
 
 
+class DepthwiseConv(nn.Module):
+  """Depthwise convolution with TensorFlow "SAME" padding, without bias.
+
+  The kernel has `nn.Conv`'s layout for `feature_group_count=channels`,
+  [size, size, 1, channels], so converted weights fit either. On XLA's CPU
+  backend, the grouped convolution of each stage ran 6 to 30 times slower
+  than this sum of size * size strided slices (measured on a 2-core AMD
+  EPYC), because XLA fuses the sum into one loop.
+  """
+
+  kernel_size: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    size, stride = self.kernel_size, self.stride
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (size, size, 1, x.shape[-1]), jnp.float32)
+    batch, height, width, channels = x.shape
+    out_height, out_width = -(-height // stride), -(-width // stride)
+    pad_rows = max((out_height - 1) * stride + size - height, 0)
+    pad_cols = max((out_width - 1) * stride + size - width, 0)
+    padded = jnp.pad(x, ((0, 0), (pad_rows // 2, pad_rows - pad_rows // 2),
+                         (pad_cols // 2, pad_cols - pad_cols // 2), (0, 0)))
+    out = jnp.zeros((batch, out_height, out_width, channels), x.dtype)
+    for row in range(size):
+      for col in range(size):
+        window = jax.lax.slice(
+            padded, (0, row, col, 0),
+            (batch, row + (out_height - 1) * stride + 1,
+             col + (out_width - 1) * stride + 1, channels),
+            (1, stride, stride, 1))
+        out = out + window * kernel[row, col, 0]
+    return out
+
+
+class PointwiseConv(nn.Module):
+  """1 x 1 convolution without bias, as a matrix product.
+
+  The kernel keeps `nn.Conv`'s [1, 1, in, out] layout. On XLA's CPU
+  backend the product ran 1.2 to 4 times faster than the convolution at
+  this network's shapes (measured on a 2-core AMD EPYC).
+  """
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+
 def _batch_norm(name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=True, epsilon=_BN_EPSILON,
                       name=name)
@@ -71,15 +124,12 @@ class MBConvBlock(nn.Module):
     hidden = input_features * self.expand_ratio
     h = x
     if self.expand_ratio != 1:
-      h = nn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(h)
+      h = PointwiseConv(hidden, name="expand_conv")(h)
       h = jax.nn.relu6(_batch_norm("bn0")(h))
-    h = nn.Conv(hidden, (self.kernel_size, self.kernel_size),
-                strides=(self.stride, self.stride), padding="SAME",
-                feature_group_count=hidden, use_bias=False,
-                name="depthwise_conv")(h)
+    h = DepthwiseConv(self.kernel_size, self.stride,
+                      name="depthwise_conv")(h)
     h = jax.nn.relu6(_batch_norm("bn1")(h))
-    h = nn.Conv(self.output_features, (1, 1), use_bias=False,
-                name="project_conv")(h)
+    h = PointwiseConv(self.output_features, name="project_conv")(h)
     h = _batch_norm("bn2")(h)
     if self.stride == 1 and input_features == self.output_features:
       h = h + x
@@ -114,7 +164,7 @@ class EfficientNetLite0(nn.Module):
         x = MBConvBlock(kernel_size, stride if repeat == 0 else 1,
                         expand_ratio, features, name=f"blocks_{index}")(x)
         index += 1
-    x = nn.Conv(FEATURE_DIM, (1, 1), use_bias=False, name="conv_head")(x)
+    x = PointwiseConv(FEATURE_DIM, name="conv_head")(x)
     x = jax.nn.relu6(_batch_norm("bn1")(x))
     if features_only:
       return x
