@@ -1,10 +1,12 @@
 """Pre-encoded latents match the encoder and feed the pipeline."""
 
 import dataclasses
+import importlib.util
 
 import jax
 import numpy as np
 import pytest
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xfusion_jax.autoencoder import interface
 from xfusion_jax.autoencoder import modules
@@ -56,6 +58,33 @@ def test_second_call_reuses_dataset(written):
 
   assert again == folder
   assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_split_above_tfds_buffer_is_written(written, tmp_path, monkeypatch):
+  # Above its buffer size, tfds spills to disk through TensorFlow, which
+  # xfusion_jax does not install. A buffer of one byte makes every split
+  # exceed it.
+  data_dir, ae, _ = written
+  monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+
+  folder = encode_latents.encode_latents(
+      "emoji_captions", ae, data_dir=data_dir, output_dir=tmp_path,
+      batch_size=100)
+
+  assert len(datasets.data_source(folder, "test")) == 135
+  assert tfds_shuffle.MAX_MEM_BUFFER_SIZE == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None,
+                    reason="with TensorFlow, tfds spills to disk")
+def test_split_beyond_memory_is_rejected(written, tmp_path, monkeypatch):
+  data_dir, ae, _ = written
+  monkeypatch.setattr(encode_latents, "_available_memory_bytes",
+                      lambda: 10_000)
+
+  with pytest.raises(MemoryError, match="Install TensorFlow"):
+    encode_latents.encode_latents("emoji_captions", ae, data_dir=data_dir,
+                                  output_dir=tmp_path)
 
 
 def test_pipeline_samples_latents(written):
