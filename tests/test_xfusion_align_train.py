@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 import hf_models
 import latent_data
@@ -34,6 +35,16 @@ def fixture_latent_datasets(tmp_path_factory):
       data_dir, feature_encoder=encoder,
       feature_encoder_name="efficientnet_lite0")
   return plain, with_features, data_dir, encoder
+
+
+def test_features_take_two_bytes_per_value(latent_datasets):
+  _, with_features, _, _ = latent_datasets
+  split = tfds.builder_from_directory(str(with_features)).info.splits["train"]
+  values = 4 * encoders.efficientnet_lite.FEATURE_DIM
+
+  # float16 as raw bytes, plus 2 KiB of latents, the text and the framing.
+  # A float_list would take 4 bytes per value and more than 20 KiB.
+  assert split.num_bytes / split.num_examples < 2 * values + 4096
 
 
 @pytest.fixture(name="model_dir", scope="module")
