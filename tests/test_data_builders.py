@@ -2,6 +2,7 @@
 
 import collections
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -12,6 +13,7 @@ import unicodedata
 import numpy as np
 from PIL import Image
 import pytest
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xfusion_jax.data import datasets
 from xfusion_jax.data import fashion_mnist
@@ -97,6 +99,21 @@ def test_prepare_cli_builds_emoji(data_dir):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "emoji_captions/train: 1224 examples" in result.stdout
   assert "emoji_captions/test: 135 examples" in result.stdout
+
+
+def test_split_too_large_for_memory(tmp_path, monkeypatch):
+  # With a one-byte default buffer and 1 KB of available memory, tfds would
+  # spill the emoji splits to disk, which needs TensorFlow.
+  monkeypatch.setattr(tfds_shuffle, "MAX_MEM_BUFFER_SIZE", 1)
+  monkeypatch.setattr(datasets, "_available_memory_bytes", lambda: 1000)
+
+  if importlib.util.find_spec("tensorflow") is not None:
+    datasets.prepare("emoji_captions", tmp_path)
+    assert len(datasets.data_source("emoji_captions", "test", tmp_path)) == 135
+    return
+  with pytest.raises(MemoryError, match="emoji_captions.*Install TensorFlow"):
+    datasets.prepare("emoji_captions", tmp_path)
+  assert tfds_shuffle.MAX_MEM_BUFFER_SIZE == 1
 
 
 def test_emoji_records(data_dir):

@@ -79,8 +79,7 @@ def test_split_above_tfds_buffer_is_written(written, tmp_path, monkeypatch):
                     reason="with TensorFlow, tfds spills to disk")
 def test_split_beyond_memory_is_rejected(written, tmp_path, monkeypatch):
   data_dir, ae, _ = written
-  monkeypatch.setattr(encode_latents, "_available_memory_bytes",
-                      lambda: 10_000)
+  monkeypatch.setattr(datasets, "_available_memory_bytes", lambda: 10_000)
 
   with pytest.raises(MemoryError, match="Install TensorFlow"):
     encode_latents.encode_latents("emoji_captions", ae, data_dir=data_dir,

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 from typing import Any
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xfusion_jax import assets
 from xfusion_jax.data import emoji
 from xfusion_jax.data import fashion_mnist
 from xfusion_jax.data import image_folder
+
+# Share of the available memory that tfds's shuffle buffer may use when
+# TensorFlow is not installed.
+SHUFFLE_MEMORY_SHARE = 0.6
 
 BUILDERS: dict[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "fashion_mnist_captions": fashion_mnist.FashionMnistCaptions,
@@ -46,8 +52,72 @@ def prepare(name: str,
   """Build dataset `name` as ArrayRecord files; a no-op when already built."""
   kwargs = {"source": source} if source else {}
   builder = get_builder(name, data_dir, **kwargs)
-  builder.download_and_prepare()
+  build(builder)
   return builder
+
+
+def _available_memory_bytes() -> int:
+  """Return MemAvailable of /proc/meminfo, or the free memory elsewhere."""
+  try:
+    with open("/proc/meminfo", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def build(builder: tfds.core.DatasetBuilder,
+          estimated_bytes: int | None = None) -> None:
+  """Write `builder`'s dataset unless it is already written.
+
+  Above a fixed buffer size (1 GB in tfds 4.9.10) tfds spills the records
+  it shuffles to disk through `tf.io.gfile`, which needs TensorFlow.
+  xfusion_jax does not install TensorFlow, so without it the buffer may
+  grow to SHUFFLE_MEMORY_SHARE of the available memory.
+
+  Args:
+    builder: the dataset to write.
+    estimated_bytes: serialized size of the largest split, if known, so that
+      a split too large for memory is rejected before any work.
+
+  Raises:
+    MemoryError: without TensorFlow, when a split exceeds that buffer.
+  """
+  if builder.is_prepared():
+    return
+  if importlib.util.find_spec("tensorflow") is not None:
+    builder.download_and_prepare()
+    return
+  available = _available_memory_bytes()
+  limit = int(SHUFFLE_MEMORY_SHARE * available)
+  name = builder.name
+  if builder.builder_config is not None:
+    name = f"{name}/{builder.builder_config.name}"
+  advice = ("Install TensorFlow (pip install tensorflow-cpu) so that tfds "
+            "spills the split to disk, or run on a machine with more memory.")
+  if estimated_bytes is not None and estimated_bytes > limit:
+    raise MemoryError(
+        f"Dataset {name} needs about {estimated_bytes / 2**30:.1f} GiB of "
+        f"memory to write its largest split, but only {limit / 2**30:.1f} "
+        f"GiB of the {available / 2**30:.1f} GiB available may be used. "
+        f"{advice}")
+  # NOTE: this sets a module constant of tfds, which its later versions may
+  # rename. The shuffler reads it on every record, so the change applies.
+  default = tfds_shuffle.MAX_MEM_BUFFER_SIZE
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(default, limit)
+  try:
+    builder.download_and_prepare()
+  except ModuleNotFoundError as e:
+    if e.name != "tensorflow":
+      raise
+    raise MemoryError(
+        f"A split of dataset {name} exceeds {limit / 2**30:.1f} GiB, the "
+        f"memory that tfds may use to shuffle it without TensorFlow. "
+        f"{advice}") from e
+  finally:
+    tfds_shuffle.MAX_MEM_BUFFER_SIZE = default
 
 
 def is_prepared(name: str,

@@ -19,8 +19,6 @@ folder names the encoder and its patch grid.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -31,7 +29,6 @@ from absl import flags
 from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import shuffle as tfds_shuffle
 
 from xfusion_jax import autoencoder as autoencoder_lib
 from xfusion_jax import encoders
@@ -43,8 +40,6 @@ from xfusion_jax.data import tokenize
 FEATURE_ENCODERS = ("efficientnet_lite0", "clip", "siglip")
 # Written by tfds.core.MetadataDict into the dataset's version folder.
 _METADATA_FILE = "metadata.json"
-# Share of the available memory that tfds's in-memory shuffle may use.
-_SHUFFLE_MEMORY_SHARE = 0.6
 # Serialization overhead of one record beyond its tensors and text: an
 # estimate that covers the feature keys and tf.train.Example framing.
 _RECORD_OVERHEAD_BYTES = 1024
@@ -235,57 +230,6 @@ def load_feature_encoder(
                    f"{', '.join(FEATURE_ENCODERS)}.")
 
 
-def _available_memory_bytes() -> int:
-  """Return MemAvailable of /proc/meminfo, or free pages elsewhere."""
-  try:
-    with open("/proc/meminfo", encoding="ascii") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-@contextlib.contextmanager
-def _shuffle_in_memory(builder: ImageLatents) -> Iterator[None]:
-  """Keep tfds's shuffle buffer in memory while `builder` writes.
-
-  Above a fixed buffer size (1 GB in tfds 4.9.10) tfds spills records to
-  disk through `tf.io.gfile`, which needs TensorFlow. xfusion_jax does not
-  install TensorFlow, so without it the buffer limit is raised to the
-  share of the available memory, if the largest split's estimated size
-  fits in it.
-
-  Raises:
-    MemoryError: when the largest split would not fit in memory.
-  """
-  if importlib.util.find_spec("tensorflow") is not None:
-    yield
-    return
-  needed = builder.largest_split_bytes()
-  available = _available_memory_bytes()
-  if needed > _SHUFFLE_MEMORY_SHARE * available:
-    name = f"{builder.name}/{builder.builder_config.name}"
-    raise MemoryError(
-        f"Writing the latent dataset {name} "
-        f"holds its largest split in memory, about {needed / 2**30:.1f} GiB, "
-        f"but only {available / 2**30:.1f} GiB is available. Install "
-        "TensorFlow (pip install tensorflow-cpu) so that tfds spills it to "
-        "disk, or run on a machine with more memory.")
-  # NOTE: this sets a module constant of tfds, which its later versions may
-  # rename. The shuffler reads it on every record, so the change applies.
-  # The limit is the memory share rather than the estimate, so that an
-  # estimate a little too low does not make tfds spill.
-  default = tfds_shuffle.MAX_MEM_BUFFER_SIZE
-  tfds_shuffle.MAX_MEM_BUFFER_SIZE = max(
-      default, int(_SHUFFLE_MEMORY_SHARE * available))
-  try:
-    yield
-  finally:
-    tfds_shuffle.MAX_MEM_BUFFER_SIZE = default
-
-
 def feature_metadata(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
   """Return the encoder name and patch grid stored with a latent dataset.
 
@@ -339,9 +283,7 @@ def encode_latents(dataset: str,
       feature_encoder=feature_encoder,
       feature_encoder_name=feature_encoder_name,
       data_dir=str(output_dir or data_dir), file_format="array_record")
-  if not builder.is_prepared():
-    with _shuffle_in_memory(builder):
-      builder.download_and_prepare()
+  datasets.build(builder, builder.largest_split_bytes())
   return pathlib.Path(builder.data_dir)
 
 
