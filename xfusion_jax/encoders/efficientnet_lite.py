@@ -56,10 +56,10 @@ class DepthwiseConv(nn.Module):
   """Depthwise convolution with TensorFlow "SAME" padding, without bias.
 
   The kernel has `nn.Conv`'s layout for `feature_group_count=channels`,
-  [size, size, 1, channels], so converted weights fit either. On XLA's CPU
-  backend, the grouped convolution of each stage ran 6 to 30 times slower
+  [size, size, 1, channels], so converted weights fit both. On XLA's CPU
+  backend the grouped convolution of each stage ran 6 to 30 times slower
   than this sum of size * size strided slices (measured on a 2-core AMD
-  EPYC), because XLA fuses the sum into one loop.
+  EPYC, batch 16).
   """
 
   kernel_size: int
