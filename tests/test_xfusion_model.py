@@ -267,9 +267,12 @@ def test_loss_gradients_reach_vision_tower(tiny_lm):
     assert float(jnp.abs(grad).max()) > 0, jax.tree_util.keystr(path)
 
 
-def test_cached_captioning_equals_recompute(tiny_lm):
-  """Greedy captions from the KV-cache path equal full recomputation."""
-  module = _module(tiny_lm)
+@pytest.mark.parametrize("architecture,xfuse", [
+    ("dual_tower", False), ("dual_tower", True), ("single_tower", False),
+    ("gated", False), ("dual_projection", False)])
+def test_captioning_equals_growing_recompute(tiny_lm, architecture, xfuse):
+  """Greedy captions equal rerunning the model on each longer caption."""
+  module = _module(tiny_lm, architecture, xfuse)
   frozen = xf.frozen_from_lm(tiny_lm.weights)
   params = _perturbed(nn.meta.unbox(
       xf.init_trainable(module, frozen, jax.random.key(0))), seed=6)
@@ -293,6 +296,16 @@ def test_cached_captioning_equals_recompute(tiny_lm):
     for row in range(2):
       caption[row].append(int(next_tokens[row]))
   np.testing.assert_array_equal(tokens, np.array(caption))
+
+  # A row stops at its first EOS token; pad ids follow.
+  eos = caption[0][2]
+  stopped = inference.caption_latents(module, frozen, params, latents,
+                                      max_new_tokens=new_tokens,
+                                      eos_ids=(eos,), pad_id=0)
+  for row in range(2):
+    end = caption[row].index(eos) + 1 if eos in caption[row] else new_tokens
+    expected = caption[row][:end] + [0] * (new_tokens - end)
+    np.testing.assert_array_equal(stopped[row], expected)
 
 
 def test_generate_latents_shape_and_guidance(tiny_lm):

@@ -36,6 +36,22 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float,
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def next_tokens(logits: jax.Array, rng: jax.Array, done: jax.Array, *,
+                temperature: float, top_k: int, top_p: float,
+                eos_ids: tuple[int, ...], pad_id: int
+                ) -> tuple[jax.Array, jax.Array]:
+  """Sample the next token of each row. Rows already `done` get `pad_id`.
+
+  Returns:
+    The `[batch]` tokens and the new `done`: True once a row emitted one of
+    `eos_ids`.
+  """
+  token = sample_tokens(logits, rng, temperature, top_k, top_p)
+  token = jnp.where(done, pad_id, token)
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+  return token, done | jnp.isin(token, eos)
+
+
 def decode_loop(module: model_lib.CausalLM, variables, first_logits, cache,
                 key_valid, start_slot, next_positions, rng, *,
                 max_new_tokens: int, temperature: float, top_k: int,
@@ -62,15 +78,14 @@ def decode_loop(module: model_lib.CausalLM, variables, first_logits, cache,
     `[batch, max_new_tokens]` int32 tokens, `pad_id` after each row's EOS.
   """
   batch = first_logits.shape[0]
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def step_fn(state):
     step, last_logits, cache, rng, tokens, done, next_pos = state
     rng, step_rng = jax.random.split(rng)
-    token = sample_tokens(last_logits, step_rng, temperature, top_k, top_p)
-    token = jnp.where(done, pad_id, token)
+    token, done = next_tokens(last_logits, step_rng, done,
+                              temperature=temperature, top_k=top_k,
+                              top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
     tokens = tokens.at[:, step].set(token)
-    done = done | jnp.isin(token, eos)
     logits, cache = module.apply(variables, token[:, None], next_pos[:, None],
                                  key_valid, cache, start_slot + step)
     return (step + 1, logits[:, -1], cache, rng, tokens, done, next_pos + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,14 +63,9 @@ def generate_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   return jax.jit(sample)(variables, noise)[:, 0]
 
 
-def _text_decoder(module: model_lib.XFusion, frozen, params):
-  """Build the plain LLM, and its weights, that continues text after the image prefix."""
-  cfg = module.config
-  weights = model_lib.lm_from_frozen(frozen)
-  if cfg.architecture == "single_tower":
-    weights["model"]["layers"] = jax.tree.map(
-        lambda p: p.astype(module.frozen_dtype), params["layers"]["text"])
-  return model_lib.frozen_decoder(module), {lm_model.FROZEN: weights}
+# Architectures whose text tokens after an image meet only weights that the
+# plain LLM can run: their captions decode from a KV cache.
+CACHED_CAPTIONING = ("dual_tower", "single_tower")
 
 
 def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
@@ -80,50 +76,101 @@ def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
                     rng: jax.Array | None = None) -> np.ndarray:
   """Caption clean latents `[batch, h, w, c]`.
 
-  The image prefix `[BOI] image [EOI]` runs once through the whole model.
-  After it, text tokens attend only through the text blocks. So the text
-  blocks' keys and values of the prefix seed a KV cache, and decoding
-  continues on the plain LLM.
+  In the `CACHED_CAPTIONING` architectures, text tokens after the image
+  prefix `[BOI] image [EOI]` attend only through the text blocks. So the
+  prefix runs once through the whole model, its text-block keys and values
+  seed a KV cache, and decoding continues on the plain LLM. "gated" and
+  "dual_projection" apply image weights to text tokens as well; there
+  every new token reruns the whole model on the sequence so far.
 
   Returns:
     `[batch, max_new_tokens]` token ids, `pad_id` after each row's EOS.
   """
-  cfg = module.config
-  if cfg.architecture not in ("dual_tower", "single_tower"):
-    # NOTE: "gated" and "dual_projection" mix image weights into text
-    # tokens' layers, so the plain-LLM cache does not apply to them.
+  if max_new_tokens < 1:
     raise ValueError(
-        f"KV-cache captioning supports dual_tower and single_tower, not "
-        f"{cfg.architecture!r}.")
-  n = latents.shape[0]
-  seq_len = cfg.tokens_per_image + 2
-  rows = sequences.layout_batch([[] for _ in range(n)], np.zeros(n, bool),
-                                cfg.tokens_per_image, seq_len + 1,
-                                eos_id=pad_id, pad_id=pad_id)
-  rows = {k: v[:, :seq_len] for k, v in rows.items()}
-  prefix_module = module.clone(return_text_kv=True)
-  decoder, decoder_variables = _text_decoder(module, frozen, params)
+        f"Invalid max_new_tokens={max_new_tokens}; pass at least 1.")
+  decode = (_caption_with_cache
+            if module.config.architecture in CACHED_CAPTIONING
+            else _caption_by_recompute)
+  run = functools.partial(
+      decode, module, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
+      pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
   rng = jax.random.key(0) if rng is None else rng
+  return np.asarray(jax.jit(run)(_variables(frozen, params), latents, rng))
 
-  def run(variables, decoder_variables, latents, rng):
-    out = prefix_module.apply(
-        variables, rows["tokens"], rows["kinds"],
-        rows["image_ids"], rows["positions"], rows["valid"],
-        latents[:, None].astype(jnp.float32), jnp.zeros((n, 1)))
-    keys, values = out.text_kv
-    total = seq_len + max_new_tokens
-    pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
-    cache = lm_model.KVCache(
-        jnp.pad(keys, pad).astype(cfg.dtype),
-        jnp.pad(values, pad).astype(cfg.dtype))
-    key_valid = jnp.ones((n, total), bool)
-    # In text-first order the EOI slot is the last text row.
-    first_logits = out.text_logits[:, -1]
-    return sampling.decode_loop(
-        decoder, decoder_variables, first_logits, cache, key_valid, seq_len,
-        jnp.full((n,), seq_len, jnp.int32), rng,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, eos_ids=tuple(eos_ids), pad_id=pad_id)
 
-  return np.asarray(jax.jit(run)(_variables(frozen, params),
-                                 decoder_variables, latents, rng))
+def _understanding_rows(config: model_lib.XFusionConfig, n: int,
+                        caption_slots: int, pad_id: int):
+  """Lay out `n` rows of `[BOI] image [EOI]` and `caption_slots` text slots."""
+  seq_len = config.tokens_per_image + 2 + caption_slots
+  # layout_batch adds an EOS slot after the caption, which is cut off.
+  rows = sequences.layout_batch([[pad_id] * caption_slots] * n,
+                                np.zeros(n, bool), config.tokens_per_image,
+                                seq_len + 1, eos_id=pad_id, pad_id=pad_id)
+  return {k: v[:, :seq_len] for k, v in rows.items()}
+
+
+def _caption_with_cache(module, variables, latents, rng, *, max_new_tokens,
+                        eos_ids, pad_id, temperature, top_k, top_p):
+  cfg = module.config
+  n = latents.shape[0]
+  rows = _understanding_rows(cfg, n, 0, pad_id)
+  prefix_len = rows["tokens"].shape[1]
+  out = module.clone(return_text_kv=True).apply(
+      variables, rows["tokens"], rows["kinds"], rows["image_ids"],
+      rows["positions"], rows["valid"], latents[:, None].astype(jnp.float32),
+      jnp.zeros((n, 1)))
+  keys, values = out.text_kv
+  pad = [(0, 0), (0, 0), (0, max_new_tokens), (0, 0), (0, 0)]
+  cache = lm_model.KVCache(jnp.pad(keys, pad).astype(cfg.dtype),
+                           jnp.pad(values, pad).astype(cfg.dtype))
+  key_valid = jnp.ones((n, prefix_len + max_new_tokens), bool)
+  # The text decoder: the frozen LLM, with single_tower's trained text
+  # blocks in place of the frozen ones.
+  weights = model_lib.lm_from_frozen(variables["frozen"])
+  if cfg.architecture == "single_tower":
+    weights["model"]["layers"] = jax.tree.map(
+        lambda p: p.astype(module.frozen_dtype),
+        variables["params"]["layers"]["text"])
+  # In text-first order the EOI slot is the last text row.
+  return sampling.decode_loop(
+      model_lib.frozen_decoder(module), {lm_model.FROZEN: weights},
+      out.text_logits[:, -1], cache, key_valid, prefix_len,
+      jnp.full((n,), prefix_len, jnp.int32), rng,
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
+
+
+def _caption_by_recompute(module, variables, latents, rng, *, max_new_tokens,
+                          eos_ids, pad_id, temperature, top_k, top_p):
+  n = latents.shape[0]
+  # The last token is sampled but never fed back, so it needs no slot.
+  rows = _understanding_rows(module.config, n, max_new_tokens - 1, pad_id)
+  eoi_slot = module.config.tokens_per_image + 1
+  latents = latents[:, None].astype(jnp.float32)
+  t = jnp.zeros((n, 1))
+
+  def step_fn(state):
+    step, slots, tokens, done, rng = state
+    # Causal attention keeps the placeholder slots after the current one
+    # out of its logits.
+    out = module.apply(variables, slots, rows["kinds"], rows["image_ids"],
+                       rows["positions"], rows["valid"], latents, t)
+    text_row = jnp.argmax(out.text_order == eoi_slot + step, axis=1)
+    logits = jnp.take_along_axis(out.text_logits, text_row[:, None, None],
+                                 axis=1)[:, 0]
+    rng, step_rng = jax.random.split(rng)
+    token, done = sampling.next_tokens(
+        logits, step_rng, done, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
+    tokens = tokens.at[:, step].set(token)
+    slots = slots.at[:, eoi_slot + 1 + step].set(token, mode="drop")
+    return step + 1, slots, tokens, done, rng
+
+  def keep_going(state):
+    return (state[0] < max_new_tokens) & ~jnp.all(state[3])
+
+  state = (jnp.int32(0), jnp.asarray(rows["tokens"]),
+           jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+           jnp.zeros((n,), bool), rng)
+  return jax.lax.while_loop(keep_going, step_fn, state)[2]
