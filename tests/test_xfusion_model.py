@@ -15,6 +15,7 @@ from xfusion_jax.xfusion import inference
 from xfusion_jax.xfusion import model as xf
 from xfusion_jax.xfusion import objective
 from xfusion_jax.xfusion import sequences
+from xfusion_jax.xfusion import task
 
 LATENT_SIZE = (4, 4)
 PATCH = 2
@@ -383,3 +384,41 @@ def test_gemma_blocks_are_refused():
   with pytest.raises(ValueError, match="gemma3_text.*qk_norm"):
     module.init({"params": jax.random.key(0)}, **xf.example_inputs(
         module.config))
+
+
+@pytest.mark.parametrize("architecture,xfuse", [
+    ("dual_tower", True), ("dual_projection", False), ("gated", False),
+    ("single_tower", False)])
+def test_flop_count_tracks_compiled_step(tmp_path, architecture, xfuse):
+  """The estimate follows XLA's count of the gradient step across designs.
+
+  XLA also counts work the estimate leaves out (norms, softmax, the LM
+  head), so each design is compared through its ratio to the dual tower's.
+  """
+  model = hf_models.build_model(hf_models.tiny_config(
+      "llama", hidden_size=256, intermediate_size=512))
+  lm = llm.from_pretrained(hf_models.save_model(model, tmp_path),
+                           dtype="float32", load_tokenizer=False)
+  frozen = xf.frozen_from_lm(lm.weights)
+  seq_len = sequences.sequence_length(14, 16)
+  batch = sequences.layout_both([[5] * 14] * 4, 16, seq_len, 2, 0)
+  batch["latents"] = np.zeros((4, 8, 8, 4), np.float32)
+  objective_config = objective.ObjectiveConfig(generation_fraction=0.5)
+
+  def compiled_over_estimate(architecture, xfuse):
+    config = xf.XFusionConfig(architecture=architecture, xfuse=xfuse,
+                              latent_size=(8, 8), patch_size=2)
+    module = xf.XFusion(lm.config, config)
+    params = nn.meta.unbox(
+        xf.init_trainable(module, frozen, jax.random.key(0)))
+    step = jax.jit(jax.grad(lambda p: objective.loss_fn(
+        module, objective_config, p, frozen, batch, jax.random.key(0))[0]))
+    cost = step.lower(params).compile().cost_analysis()
+    if isinstance(cost, list):
+      cost = cost[0]
+    estimate = task.flop_count(module, frozen, seq_len).per_token()
+    return cost["flops"] / estimate
+
+  ratio = (compiled_over_estimate(architecture, xfuse) /
+           compiled_over_estimate("dual_tower", False))
+  assert 0.85 < ratio < 1.15, f"{architecture}, xfuse={xfuse}: {ratio:.3f}"

@@ -270,11 +270,18 @@ def flop_count(module: model_lib.XFusion, frozen: PyTree,
                seq_len: int) -> FlopCount:
   """Frozen-aware FLOPs per token, averaged over text and image tokens.
 
-  Image tokens pass the trainable vision blocks (6N). Text tokens pass the
-  frozen blocks; gradients flow back through them into earlier image
-  tokens, so they count 4N. Both towers compute keys and values of every
-  token. NOTE: this is an estimate that ignores the LM head's share and
-  attends over the full square of the sequence.
+  Weights count 6N per token when trainable and 4N when frozen with
+  gradients passing through. Which tokens pass which weights depends on the
+  architecture:
+  - "dual_tower": image tokens pass the vision blocks, text tokens the
+    frozen blocks, and both towers compute keys and values of every token.
+    X-Fuse also passes image tokens through the frozen blocks.
+  - "dual_projection": each token passes its own modality's weights only.
+  - "gated": every token passes both the frozen and the trainable blocks.
+  - "single_tower": every token passes the trainable blocks.
+
+  NOTE: this is an estimate that ignores the LM head's share and attends
+  over the full square of the sequence.
   """
   cfg = module.lm_config
   layers = frozen["layers"]["text"]
@@ -282,11 +289,24 @@ def flop_count(module: model_lib.XFusion, frozen: PyTree,
   kv = 2 * cfg.num_hidden_layers * cfg.hidden_size * (
       cfg.num_key_value_heads * cfg.head_dim)
   image_fraction = module.config.tokens_per_image / seq_len
+  image_params = image_fraction * layer_params
+  text_params = (1 - image_fraction) * layer_params
+  architecture = module.config.architecture
+  if architecture == "single_tower":
+    trainable, frozen_backprop = layer_params, 0
+  elif architecture == "gated":
+    trainable, frozen_backprop = layer_params, layer_params
+  elif architecture == "dual_projection":
+    trainable, frozen_backprop = image_params, text_params
+  else:
+    trainable, frozen_backprop = image_params + kv, text_params + kv
+    if module.config.xfuse:
+      frozen_backprop += image_params
   width = cfg.num_attention_heads * cfg.head_dim
   attention = 4 * cfg.num_hidden_layers * seq_len * width
   return FlopCount(
-      trainable_params=int(image_fraction * layer_params + kv),
-      frozen_backprop_params=int((1 - image_fraction) * layer_params + kv),
+      trainable_params=int(trainable),
+      frozen_backprop_params=int(frozen_backprop),
       frozen_forward_params=0,
       attention_flops_per_token=attention)
 
