@@ -65,36 +65,77 @@ def test_cached_decode_equals_recompute(tiny):
                                rtol=0, err_msg=f"step {step}")
 
 
-def test_layer_loop_equals_scan(tiny):
-  """The per-layer loop that CPU decoding runs equals the scanned stack."""
-  _, lm = tiny
+@pytest.fixture(name="tiny_tied", scope="module")
+def fixture_tiny_tied(tmp_path_factory):
+  config = hf_models.tiny_config("llama", tie_word_embeddings=True)
+  model = hf_models.build_model(config, seed=5)
+  path = hf_models.save_model(model, tmp_path_factory.mktemp("tiny_tied"))
+  return model, llm.from_pretrained(path, dtype="float32",
+                                    load_tokenizer=False)
+
+
+def _stacked(arrays):
+  return np.stack(arrays) if isinstance(arrays, tuple) else np.asarray(arrays)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_tied"])
+def test_decoding_model_equals_scan(model_name, request):
+  """The CPU decoding model equals the scanned stack over prefill and a step.
+
+  Three variants: the scan with a stacked cache (the reference), the layer
+  loop with a stacked cache, and what `generate` runs on CPU (layer loop,
+  per-layer cache, separate LM head weight, which ties nothing together).
+  """
+  _, lm = request.getfixturevalue(model_name)
   input_ids, mask = _left_padded_batch()
   batch, prompt_len = input_ids.shape
   positions = model_lib.positions_from_mask(jnp.asarray(mask))
   key_valid = jnp.asarray(
       np.concatenate([mask, np.ones((batch, 4), np.int32)], 1), bool)
-  loop_module = lm.module.clone(scan_layers=False)
-  loop_variables = {model_lib.FROZEN: model_lib.unstack_layers(lm.weights)}
-  assert "layers" not in loop_variables[model_lib.FROZEN]["model"]
-  outputs = []
-  for module, variables in ((lm.module, lm.variables),
-                            (loop_module, loop_variables)):
+  decoding = {model_lib.FROZEN: model_lib.decoding_weights(lm.config,
+                                                           lm.weights)}
+  assert "layers" not in decoding[model_lib.FROZEN]["model"]
+  if lm.config.tie_word_embeddings:
+    np.testing.assert_array_equal(
+        decoding[model_lib.FROZEN]["lm_head"]["kernel"],
+        np.asarray(lm.weights["model"]["embed_tokens"]).T)
+  variants = [
+      (lm.module, lm.variables, False),
+      (lm.module.clone(scan_layers=False),
+       {model_lib.FROZEN: model_lib.unstack_layers(lm.weights)}, False),
+      (lm.module.clone(scan_layers=False, untie_head=True), decoding, True),
+  ]
+  results = []
+  for module, variables, per_layer in variants:
+    apply = jax.jit(module.apply)
     cache = model_lib.init_cache(lm.config, batch, prompt_len + 4,
-                                 jnp.float32)
-    outputs.append(jax.jit(module.apply)(variables, input_ids, positions,
-                                         key_valid, cache, 0))
-  (scan_logits, scan_cache), (loop_logits, loop_cache) = outputs
-  np.testing.assert_allclose(np.asarray(loop_logits), np.asarray(scan_logits),
-                             atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(loop_cache.keys),
-                             np.asarray(scan_cache.keys), atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(loop_cache.values),
-                             np.asarray(scan_cache.values), atol=1e-5,
-                             rtol=1e-5)
+                                 jnp.float32, per_layer=per_layer)
+    assert isinstance(cache.keys, tuple) == per_layer
+    logits, cache = apply(variables, input_ids, positions, key_valid, cache,
+                          0)
+    token = jnp.argmax(logits[:, -1:], -1).astype(jnp.int32)
+    step_logits, cache = apply(variables, token, positions[:, -1:] + 1,
+                               key_valid, cache, prompt_len)
+    results.append((logits, step_logits, _stacked(cache.keys),
+                    _stacked(cache.values)))
+  for variant in results[1:]:
+    for ours, reference in zip(variant, results[0]):
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(reference),
+                                 atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_matches_transformers(tiny):
-  model, lm = tiny
+def test_per_layer_cache_needs_layer_loop(tiny):
+  _, lm = tiny
+  cache = model_lib.init_cache(lm.config, 1, 8, jnp.float32, per_layer=True)
+  ids = jnp.ones((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="scan_layers=False"):
+    lm.module.apply(lm.variables, ids, jnp.arange(2)[None],
+                    jnp.ones((1, 8), bool), cache, 0)
+
+
+@pytest.mark.parametrize("model_name", ["tiny", "tiny_tied"])
+def test_greedy_matches_transformers(model_name, request):
+  model, lm = request.getfixturevalue(model_name)
   input_ids, mask = _left_padded_batch()
   new_tokens = 16
   ours = lm.generate(input_ids, mask, max_new_tokens=new_tokens)

@@ -191,8 +191,9 @@ class FrozenLM:
     if jax.default_backend() != "cpu":
       return self.module, self.variables
     if self._per_layer_weights is None:
-      self._per_layer_weights = model_lib.unstack_layers(self.weights)
-    return (self.module.clone(scan_layers=False),
+      self._per_layer_weights = model_lib.decoding_weights(self.config,
+                                                           self.weights)
+    return (self.module.clone(scan_layers=False, untie_head=True),
             {model_lib.FROZEN: self._per_layer_weights})
 
   def encode_prompts(self, prompts: list[str], chat: bool = False):

@@ -117,7 +117,8 @@ def make_generate_fn(module: model_lib.CausalLM, max_new_tokens: int,
         [attention_mask.astype(bool),
          jnp.ones((batch, max_new_tokens), bool)], axis=1)
     positions = model_lib.positions_from_mask(attention_mask)
-    cache = model_lib.init_cache(module.config, batch, total, module.dtype)
+    cache = model_lib.init_cache(module.config, batch, total, module.dtype,
+                                 per_layer=not module.scan_layers)
     logits, cache = module.apply(variables, input_ids, positions, key_valid,
                                  cache, 0)
     return decode_loop(
