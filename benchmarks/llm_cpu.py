@@ -134,4 +134,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # The library's command lines start this way, and the subprocesses of
+  # both libraries inherit the environment.
+  from xfusion_jax import hostenv  # pylint: disable=g-import-not-at-top
+  hostenv.restart_with_hugepage_malloc()
   app.run(main)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from xfusion_jax import hostenv
 from xfusion_jax import llm
 from xfusion_jax.llm import gguf_convert
 from xfusion_jax.train import metrics
@@ -128,4 +129,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   app.run(main)

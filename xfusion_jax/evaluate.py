@@ -20,6 +20,7 @@ import sys
 from absl import app
 from absl import flags
 
+from xfusion_jax import hostenv
 from xfusion_jax.train import checkpointing
 
 
@@ -89,5 +90,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   _define_flags()
   app.run(main)

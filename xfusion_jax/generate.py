@@ -7,7 +7,9 @@
 
 from absl import app
 
+from xfusion_jax import hostenv
 from xfusion_jax.xfusion import cli
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   app.run(cli.generate_main)

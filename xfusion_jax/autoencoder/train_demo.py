@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from xfusion_jax import hostenv
 from xfusion_jax.autoencoder import interface
 from xfusion_jax.autoencoder import modules
 from xfusion_jax.data import datasets
@@ -202,5 +203,6 @@ def main(argv: Any) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   _define_flags()
   app.run(main)

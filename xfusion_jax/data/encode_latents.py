@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from xfusion_jax import autoencoder as autoencoder_lib
 from xfusion_jax import encoders
+from xfusion_jax import hostenv
 from xfusion_jax.data import bad_records
 from xfusion_jax.data import datasets
 from xfusion_jax.data import decode
@@ -333,5 +334,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   _define_flags()
   app.run(main)

@@ -61,6 +61,7 @@ from absl import flags
 from absl import logging
 import ml_collections
 
+from xfusion_jax import hostenv
 from xfusion_jax.data import encode_latents
 from xfusion_jax.experiments import evaluation
 from xfusion_jax.experiments import report
@@ -585,5 +586,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  hostenv.restart_with_hugepage_malloc()
   _define_flags()
   app.run(main)

@@ -17,6 +17,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from xfusion_jax import hostenv
+
 COMMANDS = ("generate", "convert_gguf", "export")
 
 _MODEL = flags.DEFINE_string(
@@ -109,4 +111,5 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  hostenv.restart_with_hugepage_malloc()
   app.run(main, argv=sys.argv)

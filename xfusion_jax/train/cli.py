@@ -17,6 +17,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from xfusion_jax import hostenv
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Training config file, e.g. configs/lm_adapter_tiny.py. Override fields "
@@ -72,4 +74,5 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+  hostenv.restart_with_hugepage_malloc()
   app.run(main)
