@@ -84,7 +84,7 @@ def test_decoding_model_equals_scan(model_name, request):
 
   Three variants: the scan with a stacked cache (the reference), the layer
   loop with a stacked cache, and what `generate` runs on CPU (layer loop,
-  per-layer cache, separate LM head weight, which ties nothing together).
+  per-layer cache and a separate LM head weight, also for a tied model).
   """
   _, lm = request.getfixturevalue(model_name)
   input_ids, mask = _left_padded_batch()

@@ -309,6 +309,21 @@ def test_captioning_equals_growing_recompute(tiny_lm, architecture, xfuse):
     np.testing.assert_array_equal(stopped[row], expected)
 
 
+def test_captioning_compiles_once_per_setting(tiny_lm):
+  """Batches of one shape and settings reuse one compiled decode loop."""
+  module = _module(tiny_lm, "dual_tower", False)
+  frozen = xf.frozen_from_lm(tiny_lm.weights)
+  params = nn.meta.unbox(xf.init_trainable(module, frozen, jax.random.key(0)))
+  rng = np.random.default_rng(2)
+  before = inference._caption_jit._cache_size()  # pylint: disable=protected-access
+  for _ in range(3):
+    latents = rng.standard_normal((2, *LATENT_SIZE, 4)).astype(np.float32)
+    inference.caption_latents(module, frozen, params, latents,
+                              max_new_tokens=3, eos_ids=(2,), pad_id=0)
+  after = inference._caption_jit._cache_size()  # pylint: disable=protected-access
+  assert after - before == 1
+
+
 def test_generate_latents_shape_and_guidance(tiny_lm):
   module = _module(tiny_lm)
   frozen = xf.frozen_from_lm(tiny_lm.weights)

@@ -42,25 +42,28 @@ def generate_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   uncond_valid = rows["valid"] & ~rows["caption_slots"]
   doubled = {k: np.concatenate([v, v]) for k, v in rows.items()}
   doubled["valid"] = np.concatenate([rows["valid"], uncond_valid])
-  variables = _variables(frozen, params)
   h, w = cfg.latent_size
   noise = jax.random.normal(rng, (n, 1, h, w, cfg.latent_channels))
+  inputs = {k: doubled[k]
+            for k in ("tokens", "kinds", "image_ids", "positions", "valid")}
+  return _sample_jit(module, _variables(frozen, params), inputs, noise,
+                     cfg_scale=cfg_scale, steps=steps)[:, 0]
 
-  def sample(variables, z):
 
-    def velocity_fn(x, t):
-      out = module.apply(variables, doubled["tokens"], doubled["kinds"],
-                         doubled["image_ids"], doubled["positions"],
-                         doubled["valid"], jnp.concatenate([x, x]),
-                         jnp.concatenate([t, t]))
-      cond, uncond = jnp.split(out.velocity, 2)
-      return flow.guided(cond, uncond, cfg_scale)
+# Weights and rows are arguments, not closed-over constants, which XLA would
+# try to constant-fold, and one compilation serves every call of a shape.
+@functools.partial(jax.jit, static_argnums=0,
+                   static_argnames=("cfg_scale", "steps"))
+def _sample_jit(module, variables, rows, noise, *, cfg_scale, steps):
 
-    return flow.euler_sample(velocity_fn, z, steps)
+  def velocity_fn(x, t):
+    out = module.apply(variables, rows["tokens"], rows["kinds"],
+                       rows["image_ids"], rows["positions"], rows["valid"],
+                       jnp.concatenate([x, x]), jnp.concatenate([t, t]))
+    cond, uncond = jnp.split(out.velocity, 2)
+    return flow.guided(cond, uncond, cfg_scale)
 
-  # Weights are arguments, not closed-over constants, which XLA would try
-  # to constant-fold at compile time.
-  return jax.jit(sample)(variables, noise)[:, 0]
+  return flow.euler_sample(velocity_fn, noise, steps)
 
 
 # Architectures whose text tokens after an image meet only weights that the
@@ -89,14 +92,22 @@ def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   if max_new_tokens < 1:
     raise ValueError(
         f"Invalid max_new_tokens={max_new_tokens}; pass at least 1.")
+  rng = jax.random.key(0) if rng is None else rng
+  return np.asarray(_caption_jit(
+      module, _variables(frozen, params), latents, rng,
+      max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
+      temperature=temperature, top_k=top_k, top_p=top_p))
+
+
+# One compilation per module, settings and batch shape, reused by every
+# batch of an evaluation.
+@functools.partial(jax.jit, static_argnums=0, static_argnames=(
+    "max_new_tokens", "eos_ids", "pad_id", "temperature", "top_k", "top_p"))
+def _caption_jit(module, variables, latents, rng, **settings):
   decode = (_caption_with_cache
             if module.config.architecture in CACHED_CAPTIONING
             else _caption_by_recompute)
-  run = functools.partial(
-      decode, module, max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
-      pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
-  rng = jax.random.key(0) if rng is None else rng
-  return np.asarray(jax.jit(run)(_variables(frozen, params), latents, rng))
+  return decode(module, variables, latents, rng, **settings)
 
 
 def _understanding_rows(config: model_lib.XFusionConfig, n: int,
