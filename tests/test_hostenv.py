@@ -33,6 +33,8 @@ def test_environment_adds_tunable(thp_file):
     ("always madvise [never]", {}),
     ("always [madvise] never", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}),
     ("always [madvise] never", {hostenv.OPT_OUT: "0"}),
+    ("always [madvise] never", {hostenv.OPT_OUT: "False"}),
+    ("always [madvise] never", {hostenv.OPT_OUT: "off"}),
 ])
 def test_environment_unchanged(thp_file, mode, environ):
   thp_file.write_text(mode + "\n")
@@ -81,3 +83,16 @@ def test_restart_gives_huge_pages():
   tunables, huge_kib = output.split()
   assert tunables == "None"
   assert int(huge_kib) < 128 * 1024
+
+
+def test_stdin_script_not_restarted(tmp_path):
+  """A script piped to `python -` runs once, unrestarted, to the end."""
+  environ = {k: v for k, v in os.environ.items()
+             if k not in ("GLIBC_TUNABLES", hostenv.OPT_OUT)}
+  script = ("from xfusion_jax import hostenv\n"
+            "hostenv.restart_with_hugepage_malloc()\n"
+            "print('reached')\n")
+  result = subprocess.run([sys.executable, "-"], input=script, env=environ,
+                          cwd=tmp_path, check=True, capture_output=True,
+                          text=True)
+  assert result.stdout == "reached\n"

@@ -315,12 +315,16 @@ def test_captioning_compiles_once_per_setting(tiny_lm):
   frozen = xf.frozen_from_lm(tiny_lm.weights)
   params = nn.meta.unbox(xf.init_trainable(module, frozen, jax.random.key(0)))
   rng = np.random.default_rng(2)
-  before = inference._caption_jit._cache_size()  # pylint: disable=protected-access
-  for _ in range(3):
+  compiled = inference._caption_jit  # pylint: disable=protected-access
+  before = compiled._cache_size()  # pylint: disable=protected-access
+  # The same settings, spelled as a tuple, a list and arrays.
+  for eos_ids, pad_id in (((2,), 0), ([2], np.int32(0)),
+                          (jnp.array([2]), jnp.int32(0))):
     latents = rng.standard_normal((2, *LATENT_SIZE, 4)).astype(np.float32)
     inference.caption_latents(module, frozen, params, latents,
-                              max_new_tokens=3, eos_ids=(2,), pad_id=0)
-  after = inference._caption_jit._cache_size()  # pylint: disable=protected-access
+                              max_new_tokens=3, eos_ids=eos_ids,
+                              pad_id=pad_id)
+  after = compiled._cache_size()  # pylint: disable=protected-access
   assert after - before == 1
 
 

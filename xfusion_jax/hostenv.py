@@ -18,8 +18,9 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
-# Set to 0 to keep the process as started.
+# Set to 0 (or false, no, off) to keep the process as started.
 OPT_OUT = "XFUSION_JAX_HUGEPAGE_MALLOC"
+_OFF = ("0", "false", "no", "off")
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -42,13 +43,14 @@ def _thp_needs_madvise() -> bool:
 def hugepage_environment(environ: dict[str, str]) -> dict[str, str] | None:
   """Return `environ` with the tunable added, or None where it changes nothing.
 
-  None when the tunable is already set, the user opted out (`OPT_OUT=0`),
-  the C library is not glibc 2.35 or newer, or the kernel's transparent
-  huge pages are not in `madvise` mode (`always` needs nothing, `never`
-  gives nothing).
+  Nothing changes when the tunable is already set or the user opted out
+  (`OPT_OUT` set to 0, false, no or off). It also changes nothing unless
+  the C library is glibc 2.35 or newer and the kernel's transparent huge
+  pages are in `madvise` mode: `always` needs nothing, `never` gives
+  nothing.
   """
   current = environ.get("GLIBC_TUNABLES", "")
-  if (TUNABLE in current or environ.get(OPT_OUT) == "0"
+  if (TUNABLE in current or environ.get(OPT_OUT, "").lower() in _OFF
       or not sys.platform.startswith("linux") or not _glibc_has_tunable()
       or not _thp_needs_madvise()):
     return None
@@ -59,12 +61,16 @@ def hugepage_environment(environ: dict[str, str]) -> dict[str, str] | None:
 def restart_with_hugepage_malloc() -> None:
   """Re-execute this process with the tunable set, where that helps.
 
-  Call it first thing in a `__main__` block, before threads start. The new
-  process image keeps the PID, the arguments (`sys.orig_argv`, so
-  `python -m ...` is kept) and the rest of the environment. Notebooks and
-  other embedders do not call it; they can set `GLIBC_TUNABLES` before the
-  interpreter starts.
+  Call it early in a `__main__` block: whatever ran before it (imports
+  included) runs again in the new process image. That image keeps the PID,
+  the interpreter options and arguments (`sys.orig_argv`, so `python -m
+  ...` is kept) and the rest of the environment. A script read from stdin
+  (`python - < FILE`) is not restarted, because the new image would find
+  stdin already consumed. Notebooks and other embedders do not call it;
+  they can set `GLIBC_TUNABLES` before the interpreter starts.
   """
+  if sys.argv[0] in ("-", ""):
+    return
   environ = hugepage_environment(dict(os.environ))
   if environ is None:
     return

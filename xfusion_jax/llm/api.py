@@ -63,10 +63,12 @@ class FrozenLM:
   rules: sharding_lib.Rules = sharding_lib.DEFAULT_RULES
   source_dir: str = ""
   generation_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # init=False: dataclasses.replace() starts these caches afresh, so a copy
+  # with other weights never decodes with the old ones.
   _compiled: dict[Any, Any] = dataclasses.field(
-      default_factory=dict, repr=False)
+      default_factory=dict, repr=False, init=False)
   _per_layer_weights: dict[str, Any] | None = dataclasses.field(
-      default=None, repr=False)
+      default=None, repr=False, init=False)
 
   @property
   def variables(self) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def generate_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   inputs = {k: doubled[k]
             for k in ("tokens", "kinds", "image_ids", "positions", "valid")}
   return _sample_jit(module, _variables(frozen, params), inputs, noise,
-                     cfg_scale=cfg_scale, steps=steps)[:, 0]
+                     cfg_scale=float(cfg_scale), steps=int(steps))[:, 0]
 
 
 # Weights and rows are arguments, not closed-over constants, which XLA would
@@ -95,8 +95,9 @@ def caption_latents(module: model_lib.XFusion, frozen: Any, params: Any,
   rng = jax.random.key(0) if rng is None else rng
   return np.asarray(_caption_jit(
       module, _variables(frozen, params), latents, rng,
-      max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids), pad_id=pad_id,
-      temperature=temperature, top_k=top_k, top_p=top_p))
+      max_new_tokens=int(max_new_tokens),
+      eos_ids=tuple(int(i) for i in np.ravel(eos_ids)), pad_id=int(pad_id),
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)))
 
 
 # One compilation per module, settings and batch shape, reused by every
