@@ -5,6 +5,11 @@ in its own process (so that neither library's idle thread pool competes with
 the other's work). Compilation (JAX) and a warm-up call (both) are excluded
 from the timings.
 
+Batch-1 decoding reads every weight once per token, so it is bound by
+memory bandwidth. The script also times a float32 matrix-vector product
+over a matrix far larger than the CPU caches and prints the decode rate
+that this bandwidth allows: the weights' bytes per token over bytes/s.
+
   python benchmarks/llm_cpu.py [--prompt_tokens=256] [--new_tokens=128]
 """
 
@@ -51,7 +56,21 @@ def _prompts():
   return prompt, prompt[:, :16]
 
 
+def _matvec_bytes_per_second() -> float:
+  """Time XLA's float32 matrix-vector product and return bytes read per s."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  matrix = jnp.ones((4096, 16384), jnp.float32)  # 256 MiB
+  vector = jnp.ones((1, 4096), jnp.float32)
+  product = jax.jit(jnp.matmul)
+  seconds = _median_seconds(
+      lambda: product(vector, matrix).block_until_ready(), 10)
+  return matrix.nbytes / seconds
+
+
 def _measure_jax(model_dir) -> dict[str, float]:
+  import jax  # pylint: disable=g-import-not-at-top
   from xfusion_jax import llm  # pylint: disable=g-import-not-at-top
 
   prompt, short_prompt = _prompts()
@@ -65,8 +84,15 @@ def _measure_jax(model_dir) -> dict[str, float]:
   def decode():
     lm.generate(short_prompt, max_new_tokens=_NEW_TOKENS.value)
 
+  # Each token reads every weight once. The one exception is an untied
+  # embedding table, of which a token reads a single row.
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(lm.weights))
+  if not lm.config.tie_word_embeddings:
+    weight_bytes -= lm.weights["model"]["embed_tokens"].nbytes
   return {"prefill": _median_seconds(prefill, _REPEATS.value),
-          "decode": _median_seconds(decode, _REPEATS.value)}
+          "decode": _median_seconds(decode, _REPEATS.value),
+          "weight_bytes": weight_bytes,
+          "bandwidth": _matvec_bytes_per_second()}
 
 
 def _measure_torch(model_dir) -> dict[str, float]:
@@ -131,6 +157,12 @@ def main(argv):
     ours = tokens[phase] / seconds["jax"][phase]
     theirs = tokens[phase] / seconds["torch"][phase]
     print(f"| {phase} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
+  bandwidth = seconds["jax"]["bandwidth"]
+  weight_bytes = seconds["jax"]["weight_bytes"]
+  print(f"memory bound on decode: {weight_bytes / 1e6:.0f} MB of weights per "
+        f"token at {bandwidth / 1e9:.1f} GB/s (float32 matrix-vector "
+        f"product) allow {_BATCH.value * bandwidth / weight_bytes:.1f} "
+        "tokens/s")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import hf_models
 from xfusion_jax import llm
 from xfusion_jax import sharding
+from xfusion_jax.llm import model as model_lib
 
 TOLERANCE = 1e-4
 LLAMA3_ROPE = {
@@ -167,3 +170,30 @@ def test_mesh_other_shape(tmp_path):
   expected = hf_models.reference_logits(model, input_ids)
   assert np.abs(np.asarray(sharded.logits(input_ids)) -
                 expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("equation, x_shape, kernel_shape", [
+    ("bsd,df->bsf", (2, 5, 6), (6, 7)),
+    ("bsd,dhk->bshk", (2, 5, 6), (6, 3, 4)),
+    ("bshk,hkd->bsd", (2, 5, 3, 4), (3, 4, 6)),
+    ("bsd,vd->bsv", (2, 5, 6), (9, 6)),
+    ("bd,df->bf", (2, 6), (6, 7)),
+])
+def test_token_einsum_values_and_grads(equation, x_shape, kernel_shape):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  kernel = rng.standard_normal(kernel_shape).astype(np.float32)
+  cotangent = rng.standard_normal(
+      np.einsum(equation, x, kernel).shape).astype(np.float32)
+
+  def loss(fn):
+    return lambda x, k: (fn(equation, x, k) * cotangent).sum()
+
+  ours = jax.value_and_grad(loss(model_lib.token_einsum), (0, 1))(x, kernel)
+  plain = jax.value_and_grad(loss(jnp.einsum), (0, 1))(x, kernel)
+  np.testing.assert_allclose(model_lib.token_einsum(equation, x, kernel),
+                             np.einsum(equation, x, kernel), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5)
+  np.testing.assert_allclose(ours[1][0], plain[1][0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours[1][1], plain[1][1], rtol=1e-5, atol=1e-5)

@@ -108,6 +108,26 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed32.astype(x.dtype)
 
 
+def token_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Return `einsum(equation, x, kernel)`, with batch and sequence merged.
+
+  For an `equation` of the form "bs...,...->bs...", the product runs over
+  one token axis of `batch * seq` rows, so the kernel's gradient contracts a
+  single axis. With two axes, XLA's CPU backend fused the transpose that the
+  gradient product needs with the layer scan's slicing of saved activations.
+  In a SmolLM2-sized layer that fusion took 17 ms, more than any matrix
+  product of the layer. Other equations run unchanged.
+  """
+  inputs, output = equation.split("->")
+  x_spec, kernel_spec = inputs.split(",")
+  if not (x_spec.startswith("bs") and output.startswith("bs")):
+    return jnp.einsum(equation, x, kernel)
+  token = next(c for c in "tnmpqz" if c not in equation)
+  flat = jnp.einsum(f"{token}{x_spec[2:]},{kernel_spec}->{token}{output[2:]}",
+                    x.reshape(-1, *x.shape[2:]), kernel)
+  return flat.reshape(*x.shape[:2], *flat.shape[1:])
+
+
 class Projection(nn.Module):
   """A linear map `einsum(equation, x, kernel) + bias` with named axes."""
 
@@ -124,8 +144,8 @@ class Projection(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = make_weight(self, "kernel", self.kernel_shape, self.kernel_axes,
                          self.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(self.dtype),
-                   kernel.astype(self.dtype))
+    y = token_einsum(self.equation, x.astype(self.dtype),
+                     kernel.astype(self.dtype))
     if self.bias_shape is not None:
       bias = make_weight(self, "bias", self.bias_shape, self.bias_axes,
                          self.param_dtype)

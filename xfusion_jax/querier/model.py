@@ -142,16 +142,16 @@ class LoraProjection(nn.Module):
                                      (None,) + out_axes),
         (self.lora.rank,) + out_shape, jnp.float32)
     h = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
-    h = jnp.einsum(a_equation, h.astype(self.dtype),
-                   lora_a.astype(self.dtype))
-    delta = jnp.einsum(b_equation, h, lora_b.astype(self.dtype))
+    h = lm_model.token_einsum(a_equation, h.astype(self.dtype),
+                              lora_a.astype(self.dtype))
+    delta = lm_model.token_einsum(b_equation, h, lora_b.astype(self.dtype))
     return y + (self.lora.scale * delta).astype(y.dtype)
 
   def _frozen(self, x: jax.Array) -> jax.Array:
     kernel = lm_model.make_weight(self, "kernel", self.kernel_shape,
                                   self.kernel_axes, self.param_dtype, FROZEN)
-    y = jnp.einsum(self.equation, x.astype(self.dtype),
-                   kernel.astype(self.dtype))
+    y = lm_model.token_einsum(self.equation, x.astype(self.dtype),
+                              kernel.astype(self.dtype))
     if self.bias_shape is not None:
       bias = lm_model.make_weight(self, "bias", self.bias_shape,
                                   self.bias_axes, self.param_dtype, FROZEN)
@@ -223,9 +223,9 @@ class SpecificMLP(nn.Module):
     up = weight("up", (d, self.rank), ("embed", "mlp"), d)
     down = weight("down", (self.rank, d), ("mlp", "embed"), self.rank)
     x = x.astype(self.dtype)
-    hidden = (jax.nn.silu(jnp.einsum("bsd,dr->bsr", x, gate)) *
-              jnp.einsum("bsd,dr->bsr", x, up))
-    return jnp.einsum("bsr,rd->bsd", hidden, down)
+    hidden = (jax.nn.silu(lm_model.token_einsum("bsd,dr->bsr", x, gate)) *
+              lm_model.token_einsum("bsd,dr->bsr", x, up))
+    return lm_model.token_einsum("bsr,rd->bsd", hidden, down)
 
 
 class TrainableRMSNorm(nn.Module):
