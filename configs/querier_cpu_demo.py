@@ -7,8 +7,8 @@
 this config builds the SmolLM2 folder from its pinned GGUF wheel on first
 use; --config.model_dir=PATH replaces it with another HF folder.
 
-NOTE: on a 2-core CPU a step of 8 Shakespeare windows (256 tokens) takes
-about 22 s, so the 2,000 steps take about 12 hours; no run has finished
+NOTE: on a 2-core Intel Xeon a step of 8 Shakespeare windows (256 tokens)
+takes about 16 s, so the 2,000 steps take about 9 hours; no run has finished
 yet, and the step count is not tuned.
 """
 

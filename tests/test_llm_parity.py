@@ -178,8 +178,10 @@ def test_mesh_other_shape(tmp_path):
     ("bshk,hkd->bsd", (2, 5, 3, 4), (3, 4, 6)),
     ("bsd,vd->bsv", (2, 5, 6), (9, 6)),
     ("bd,df->bf", (2, 6), (6, 7)),
+    ("bsd,bdf->bsf", (2, 5, 6), (2, 6, 7)),
 ])
-def test_token_einsum_values_and_grads(equation, x_shape, kernel_shape):
+@pytest.mark.parametrize("merge", [True, False])
+def test_token_einsum_values_and_grads(equation, x_shape, kernel_shape, merge):
   rng = np.random.default_rng(0)
   x = rng.standard_normal(x_shape).astype(np.float32)
   kernel = rng.standard_normal(kernel_shape).astype(np.float32)
@@ -189,11 +191,12 @@ def test_token_einsum_values_and_grads(equation, x_shape, kernel_shape):
   def loss(fn):
     return lambda x, k: (fn(equation, x, k) * cotangent).sum()
 
-  ours = jax.value_and_grad(loss(model_lib.token_einsum), (0, 1))(x, kernel)
+  with model_lib.merge_token_axes(merge):
+    ours = jax.value_and_grad(loss(model_lib.token_einsum), (0, 1))(x, kernel)
+    values = model_lib.token_einsum(equation, x, kernel)
   plain = jax.value_and_grad(loss(jnp.einsum), (0, 1))(x, kernel)
-  np.testing.assert_allclose(model_lib.token_einsum(equation, x, kernel),
-                             np.einsum(equation, x, kernel), rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(values, np.einsum(equation, x, kernel),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5)
   np.testing.assert_allclose(ours[1][0], plain[1][0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ours[1][1], plain[1][1], rtol=1e-5, atol=1e-5)

@@ -402,7 +402,9 @@ def _lower(config: ml_collections.ConfigDict,
   task = AbstractXFusionTask(config, lm_config, mesh, scan_unroll=scan_unroll)
   program = loop.build_program(config, task, mesh, unroll_grad_accum=unroll)
   batch = task.abstract_batch(config.batch_size, program.batch_sharding)
-  return task, program.lower_train_step(batch)
+  # The step runs on a TPU, so it is traced as a TPU host would trace it.
+  with lm_model.merge_token_axes(False):
+    return task, program.lower_train_step(batch)
 
 
 def _with_layers(lm_config: lm_config_lib.LMConfig,

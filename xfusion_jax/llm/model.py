@@ -14,7 +14,9 @@ so decoding steps are pure functions that jit and donate cleanly.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import contextlib
+import contextvars
+from typing import Any, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -108,19 +110,48 @@ class RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed32.astype(x.dtype)
 
 
-def token_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Return `einsum(equation, x, kernel)`, with batch and sequence merged.
+_MERGE_TOKEN_AXES = contextvars.ContextVar("merge_token_axes", default=None)
 
-  For an `equation` of the form "bs...,...->bs...", the product runs over
-  one token axis of `batch * seq` rows, so the kernel's gradient contracts a
-  single axis. With two axes, XLA's CPU backend fused the transpose that the
-  gradient product needs with the layer scan's slicing of saved activations.
-  In a SmolLM2-sized layer that fusion took 17 ms, more than any matrix
-  product of the layer. Other equations run unchanged.
+
+@contextlib.contextmanager
+def merge_token_axes(enabled: bool) -> Iterator[None]:
+  """Set whether `token_einsum` merges batch and sequence while tracing.
+
+  Outside such a block it merges when JAX's default backend is the CPU. A
+  program traced here but compiled for another platform, such as a TPU step
+  compiled ahead of time on a CPU host, is traced inside
+  `merge_token_axes(False)`.
+
+  Args:
+    enabled: merge the two axes.
+  """
+  token = _MERGE_TOKEN_AXES.set(enabled)
+  try:
+    yield
+  finally:
+    _MERGE_TOKEN_AXES.reset(token)
+
+
+def token_einsum(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Return `einsum(equation, x, kernel)`, merging batch and sequence on CPU.
+
+  For an `equation` of the form "bs...,...->bs..." whose kernel has no "b"
+  or "s" axis, the product runs over one token axis of `batch * seq` rows,
+  so the kernel's gradient contracts a single axis. With two axes, XLA's CPU
+  backend fused the transpose that the gradient product needs with the
+  layer scan's slicing of saved activations. In a SmolLM2-sized layer that
+  fusion took 19 ms, more than any matrix product of the layer. Compiled
+  ahead of time for a TPU v4, the merge raised the estimated HBM traffic of
+  the Llama-3.2-1B X-Fusion step by 21%, so other platforms keep the two
+  axes (see `merge_token_axes`).
   """
   inputs, output = equation.split("->")
   x_spec, kernel_spec = inputs.split(",")
-  if not (x_spec.startswith("bs") and output.startswith("bs")):
+  merge = _MERGE_TOKEN_AXES.get()
+  if merge is None:
+    merge = jax.default_backend() == "cpu"
+  if not (merge and x_spec.startswith("bs") and output.startswith("bs") and
+          "b" not in kernel_spec and "s" not in kernel_spec):
     return jnp.einsum(equation, x, kernel)
   token = next(c for c in "tnmpqz" if c not in equation)
   flat = jnp.einsum(f"{token}{x_spec[2:]},{kernel_spec}->{token}{output[2:]}",
