@@ -208,6 +208,19 @@ def test_invalid_dtype_and_folder(tiny_dir, tmp_path):
     llm.from_pretrained(model_dir, dtype="int8", load_tokenizer=False)
   with pytest.raises(FileNotFoundError, match="not found"):
     llm.from_pretrained(tmp_path / "missing", load_tokenizer=False)
+  with pytest.raises(FileNotFoundError, match="it is a file"):
+    llm.from_pretrained(model_dir / "config.json", load_tokenizer=False)
+
+
+def test_long_generation_warns(tiny_dir, caplog):
+  model_dir, _ = tiny_dir
+  lm = llm.from_pretrained(model_dir, dtype="float32", load_tokenizer=False)
+  limit = lm.config.max_position_embeddings
+  prompt = np.ones((1, 4), np.int32)
+  lm.generate(prompt, max_new_tokens=limit - 4)
+  assert "max_position_embeddings" not in caplog.text
+  lm.generate(prompt, max_new_tokens=limit - 3)
+  assert f"max_position_embeddings={limit}" in caplog.text
 
 
 def test_empty_input_rejected(tiny_dir):

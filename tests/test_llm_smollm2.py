@@ -60,6 +60,11 @@ def test_greedy_continuation_matches_transformers(smollm2, smollm2_dir):
   np.testing.assert_array_equal(ours[:len(reference)], reference)
 
 
+def test_no_prompts_rejected(smollm2):
+  with pytest.raises(ValueError, match="at least one prompt"):
+    smollm2.encode_prompts([])
+
+
 def test_chat_answer(smollm2):
   input_ids, mask = smollm2.encode_prompts(["What is the capital of France?"],
                                            chat=True)

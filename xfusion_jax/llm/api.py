@@ -174,6 +174,13 @@ class FrozenLM:
           f"top_k={top_k}, top_p={top_p}: need temperature >= 0, top_k >= 0 "
           "and 0 < top_p <= 1.")
     input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+    length = input_ids.shape[1] + max_new_tokens
+    if length > self.config.max_position_embeddings:
+      logging.warning(
+          "Prompt (%d tokens) plus max_new_tokens=%d exceeds the model's "
+          "max_position_embeddings=%d; positions beyond it were not trained.",
+          input_ids.shape[1], max_new_tokens,
+          self.config.max_position_embeddings)
     settings = (max_new_tokens, float(temperature), int(top_k), float(top_p),
                 self.eos_token_ids(), self.pad_token_id())
     module, variables = self._decoding_model()
@@ -207,6 +214,8 @@ class FrozenLM:
     """
     if self.tokenizer is None:
       raise ValueError(f"{self.source_dir} has no tokenizer files.")
+    if not prompts:
+      raise ValueError("encode_prompts needs at least one prompt; got none.")
     rows = []
     for prompt in prompts:
       if chat:

@@ -329,6 +329,11 @@ def config_from_dict(source: dict[str, Any], where: str = "config") -> LMConfig:
 
 def load_config(model_dir: str | os.PathLike[str]) -> LMConfig:
   """Parse `config.json` in a Hugging Face model folder."""
+  if os.path.isfile(model_dir):
+    # FileNotFoundError, which the command lines report as a usage error.
+    raise FileNotFoundError(
+        f"Model folder {model_dir} not found: it is a file. Pass the folder "
+        "that contains config.json and the safetensors files.")
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"Model folder {model_dir} not found.")
   path = os.path.join(model_dir, "config.json")
