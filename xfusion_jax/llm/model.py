@@ -622,11 +622,11 @@ class CausalLM(nn.Module):
 
 def decoding_weights(config: LMConfig,
                      weights: dict[str, Any]) -> dict[str, Any]:
-  """Weights for `CausalLM(scan_layers=False, untie_head=True)`.
+  """Return the weights for `CausalLM(scan_layers=False, untie_head=True)`.
 
   The layers are split as in `unstack_layers`. A tied model also gets an
-  `lm_head` kernel, the transposed embedding table: in a matrix-vector
-  product XLA's CPU backend reads a `[embed, vocab]` matrix about 1.5 times
+  `lm_head` kernel, the transposed embedding table. In a matrix-vector
+  product XLA's CPU backend read a `[embed, vocab]` matrix about 1.5 times
   faster than the `[vocab, embed]` table, and the head is a fifth of the
   weights that every decode step reads. Both copies take memory.
   """
