@@ -5,8 +5,8 @@ For the demo X-Fusion train step that buffer is 1.5 GB, which glibc maps
 with mmap and the kernel then faults in 4 KiB page by page: about 0.7
 seconds of kernel time per 2.9 s step on two cores. With the glibc tunable
 `glibc.malloc.hugetlb=1`, malloc requests transparent huge pages on such
-mappings (where the kernel leaves them to `madvise`), and the step ran 14%
-faster. glibc reads tunables only at start-up, so the command-line entry
+mappings (where the kernel leaves them to `madvise`). The step then ran 14%
+faster on an AMD EPYC machine and 5% faster on an Intel Xeon. glibc reads tunables only at start-up, so the command-line entry
 points restart themselves once with the tunable set; see
 `restart_with_hugepage_malloc`.
 """
