@@ -190,3 +190,57 @@ def test_train_loss_decreases(model_dir, train_file, tmp_path):
   assert np.mean(losses[-3:]) < np.mean(losses[:3])
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["12", "6"]
+
+
+def _first_batches(task, config, process_index=0, process_count=1, count=4):
+  data = iter(querier_task.make_dataset(task.examples, config, config.seed,
+                                        process_index, process_count))
+  return [next(data) for _ in range(count)]
+
+
+def test_length_buckets_cut_only_padding(model_dir, train_file):
+  # At 160 tokens (UTF-8 bytes) the Hamlet windows fill 50 to 170 of them,
+  # so batches land in several of the buckets 40, 80, 120 and 160. Without
+  # dropout the loss does not depend on the random key.
+  config = make_config(model_dir, train_file, seq_len=160, lora_dropout=0.0)
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  task = querier_task.make_task(config, mesh)
+  uncut = make_config(model_dir, train_file, seq_len=160, lora_dropout=0.0,
+                      length_buckets=1)
+  cut_batches = _first_batches(task, config)
+  assert len({b["tokens"].shape[1] for b in cut_batches}) > 1
+  loss_fn = jax.jit(task.loss_fn)
+  bank = task.init_aux_state()
+  params = task.init_trainable(jax.random.key(0))
+  bank_cut = bank_full = bank
+  for cut, full in zip(cut_batches, _first_batches(task, uncut)):
+    width = cut["tokens"].shape[1]
+    assert full["tokens"].shape[1] == 161
+    for name, value in cut.items():
+      np.testing.assert_array_equal(value, full[name][:, :width]
+                                    if value.ndim == 2 else full[name])
+    assert not full["valid"][:, width:].any()
+    (loss_cut, (metrics_cut, bank_cut)) = loss_fn(
+        params, task.frozen, cut, jax.random.key(1), bank_cut)
+    (loss_full, (metrics_full, bank_full)) = loss_fn(
+        params, task.frozen, full, jax.random.key(1), bank_full)
+    np.testing.assert_allclose(loss_cut, loss_full, rtol=1e-5)
+    np.testing.assert_allclose(metrics_cut["contrastive_loss"],
+                               metrics_full["contrastive_loss"], rtol=1e-5)
+    np.testing.assert_allclose(bank_cut.embeddings, bank_full.embeddings,
+                               atol=1e-5)
+
+
+def test_batches_do_not_depend_on_process_count(model_dir, train_file):
+  config = make_config(model_dir, train_file, seq_len=160,
+                       second_view="token_dropout")
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  task = querier_task.make_task(config, mesh)
+  assert task.process_count_invariant_data
+  whole = _first_batches(task, config)
+  halves = [_first_batches(task, config, p, 2) for p in range(2)]
+  for index, batch in enumerate(whole):
+    assert set(batch) >= {"tokens_2", "valid_2", "response_2"}
+    for name, value in batch.items():
+      np.testing.assert_array_equal(
+          value, np.concatenate([h[index][name] for h in halves]))

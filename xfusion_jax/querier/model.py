@@ -431,8 +431,11 @@ class QuerierLM(nn.Module):
     specific_rank: width of every `SpecificMLP`.
     gated_merge: merge the towers with a learned per-token gate
       `g * general + (1 - g) * specific`, `g = sigmoid(w . [general,
-      specific] + b)`; w and b start at zero, so g starts at 0.5, the plain
-      average.
+      specific] + b)`; w starts at zero and b at `gate_init_bias`, so g
+      starts at `sigmoid(gate_init_bias)` (0.5, the plain average, at 0).
+    gate_init_bias: initial gate bias; a positive one starts the merge
+      close to the general tower, whose first outputs are the frozen
+      LLM's, while the specific tower is still untrained.
     dtype: compute dtype of activations.
     param_dtype: dtype the frozen weights are stored in.
     remat_policy: "none", or a name in `lm_model.REMAT_POLICIES`.
@@ -446,6 +449,7 @@ class QuerierLM(nn.Module):
   lora: LoraConfig = LoraConfig()
   specific_rank: int = 64
   gated_merge: bool = False
+  gate_init_bias: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
@@ -468,8 +472,8 @@ class QuerierLM(nn.Module):
       self.gate = nn.Dense(
           1, kernel_init=nn.with_logical_partitioning(
               nn.initializers.zeros, ("embed", None)),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                 (None,)),
+          bias_init=nn.with_logical_partitioning(
+              nn.initializers.constant(self.gate_init_bias), (None,)),
           dtype=jnp.float32, name="gate")
 
   def project_to_vocab(self, hidden: jax.Array) -> jax.Array:

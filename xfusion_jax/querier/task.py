@@ -11,12 +11,12 @@ then "RESPONDER: " and the reply. The prompt is cut from the left to fit
 
 Config fields (besides the loop's): `model_dir`, `train_file` (MQDialog JSON
 list or JSON Lines), `seq_len`, `lora_rank`, `lora_alpha`, `lora_dropout`,
-`specific_rank`, `gated_merge`, `remat_policy`, `contrastive_mode`
-("prototype" or "instance"), `second_view` ("heads", "token_dropout" or
+`specific_rank`, `gated_merge`, `gate_init_bias`, `remat_policy`,
+`contrastive_mode` ("prototype" or "instance"), `second_view` ("heads", "token_dropout" or
 "span_deletion"), `token_dropout_rate`, `span_deletion_fraction`,
 `contrastive_weight`, `contrastive_temperature`, `contrastive_clip`,
 `bank_length`, `projection_dim`, `projection_hidden_dim`, `sample_tokens`,
-`specific_tower`.
+`specific_tower`, `length_buckets`, `length_group_batches`.
 
 `specific_tower = False` trains the plain LoRA fine-tune (FT) that the
 evaluation compares against: the general tower alone, on the same data,
@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from xfusion_jax import llm
+from xfusion_jax.data import length_groups
 from xfusion_jax.querier import contrastive
 from xfusion_jax.querier import data as querier_data
 from xfusion_jax.querier import model as querier_model
@@ -117,6 +118,54 @@ def augment_window(example: dict[str, np.ndarray], mode: str, rate: float,
           "response_2": mask}
 
 
+def make_dataset(examples: list[dict[str, np.ndarray]],
+                 config: ml_collections.ConfigDict, seed: int,
+                 process_index: int, process_count: int) -> grain.IterDataset:
+  """Endless batches of encoded windows for one process.
+
+  Windows are grouped by length over pools of `config.length_group_batches`
+  global batches, and each batch is cut to the smallest of
+  `config.length_buckets` lengths up to `seq_len` that holds its longest
+  window (see `xfusion_jax.data.length_groups`). Cutting drops only right
+  padding, which a causal model and the masked losses ignore.
+
+  Global batch `i` and its text-level second views depend on `seed` and
+  `i` only; process `p` reads rows `[p * B, (p + 1) * B)` of it (B = the
+  per-process batch), so a run can resume with another process count.
+  """
+  per_process = config.batch_size // process_count
+  lengths = [int(example["valid"].sum()) for example in examples]
+  plan = length_groups.grouped_batches(lengths, config.batch_size, seed,
+                                       config.length_group_batches)
+  mode = config.second_view
+  augment = bool(config.specific_tower) and mode != "heads"
+  rate = (config.token_dropout_rate if mode == "token_dropout" else
+          config.span_deletion_fraction)
+  first_row = process_index * per_process
+
+  def load(item: tuple[int, np.ndarray]) -> dict[str, np.ndarray]:
+    index, rows = item
+    # A window of n tokens feeds n - 1 of them to the model.
+    length = length_groups.bucket_length(
+        max(lengths[r] for r in rows) - 1, config.seq_len,
+        config.length_buckets)
+    batch = []
+    for row in range(first_row, first_row + per_process):
+      example = examples[rows[row]]
+      if augment:
+        rng = np.random.default_rng([seed, index, row])
+        example = {**example, **augment_window(example, mode, rate, rng)}
+      batch.append(example)
+    return {
+        name: np.stack([e[name] for e in batch])[:, :length + 1]
+        if batch[0][name].ndim else np.stack([e[name] for e in batch])
+        for name in batch[0]
+    }
+
+  return plan.map(load).to_iter_dataset(
+      grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
 def masked_cross_entropy(logits: jax.Array, targets: jax.Array,
                          mask: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy over positions where `mask` is set."""
@@ -136,12 +185,24 @@ def _check_choice(config: ml_collections.ConfigDict, name: str,
 class QuerierTask:
   """Trains `QuerierLM` and its contrastive heads on MQDialog records."""
 
+  # See `make_dataset`: global batches and iterator states do not depend on
+  # the process count.
+  process_count_invariant_data = True
+
   def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh):
     if not config.model_dir:
       raise ValueError("config.model_dir is empty; set it to a Hugging Face "
                        "model folder, e.g. --config.model_dir=PATH.")
     _check_choice(config, "contrastive_mode", CONTRASTIVE_MODES)
     _check_choice(config, "second_view", SECOND_VIEWS)
+    if not 1 <= config.length_buckets <= config.seq_len:
+      raise ValueError(f"config.length_buckets={config.length_buckets} must "
+                       f"be between 1 and config.seq_len={config.seq_len}; "
+                       "1 keeps every batch at seq_len.")
+    if config.length_group_batches < 1:
+      raise ValueError(
+          f"config.length_group_batches={config.length_group_batches} must "
+          "be at least 1; 1 keeps the batches in shuffled order.")
     self._config = config
     self.mesh = mesh
     self.lm = llm.from_pretrained(config.model_dir, dtype=config.dtype,
@@ -263,21 +324,8 @@ class QuerierTask:
         views, bank, cluster, querier, temperature), bank
 
   def train_data(self, seed: int) -> grain.DatasetIterator:
-    per_process = self._config.batch_size // jax.process_count()
-    dataset = grain.MapDataset.source(self.examples)
-    dataset = dataset[jax.process_index()::jax.process_count()]
-    dataset = dataset.shuffle(seed=seed).repeat()
-    if self.specific_tower and self._config.second_view != "heads":
-      mode = self._config.second_view
-      rate = (self._config.token_dropout_rate if mode == "token_dropout" else
-              self._config.span_deletion_fraction)
-      dataset = dataset.random_map(
-          lambda example, rng: {**example,
-                                **augment_window(example, mode, rate, rng)},
-          seed=seed)
-    dataset = dataset.batch(per_process, drop_remainder=True)
-    return iter(dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    return iter(make_dataset(self.examples, self._config, seed,
+                             jax.process_index(), jax.process_count()))
 
   def tokens_per_batch(self, batch: Batch) -> int:
     return int(np.asarray(batch["valid"])[:, :-1].sum())
@@ -352,7 +400,8 @@ def build_model(lm_config: Any, config: ml_collections.ConfigDict | dict[str, An
   specific_tower = bool(config.get("specific_tower", True))
   return querier_model.QuerierLM(
       lm_config, lora=lora, specific_rank=config["specific_rank"],
-      gated_merge=config["gated_merge"] and specific_tower, dtype=dtype,
+      gated_merge=config["gated_merge"] and specific_tower,
+      gate_init_bias=float(config.get("gate_init_bias", 0.0)), dtype=dtype,
       param_dtype=dtype, remat_policy=config["remat_policy"],
       deterministic=True, specific_tower=specific_tower)
 
@@ -372,6 +421,7 @@ def add_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.lora_dropout = 0.05
   config.specific_rank = 64
   config.gated_merge = False
+  config.gate_init_bias = 0.0
   config.remat_policy = "none"
   config.contrastive_mode = "prototype"
   config.second_view = "heads"
@@ -385,4 +435,6 @@ def add_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.projection_hidden_dim = 512
   config.sample_tokens = 32
   config.specific_tower = True
+  config.length_buckets = 4
+  config.length_group_batches = 8
   return config
