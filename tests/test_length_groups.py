@@ -25,7 +25,7 @@ def _batches(lengths, global_batch, seed, pool_batches, count):
   return np.stack([plan(i) for i in range(count)])
 
 
-def test_each_epoch_covers_every_window_once():
+def test_epoch_covers_each_window_once():
   lengths = np.random.default_rng(0).integers(1, 200, size=96)
   batches = _batches(lengths, 4, 0, 6, 48)
   # 96 windows are 24 batches of 4: one epoch, then the next.
@@ -34,7 +34,7 @@ def test_each_epoch_covers_every_window_once():
   assert not np.array_equal(batches[:24], batches[24:])
 
 
-def test_batches_of_a_pool_hold_disjoint_length_ranges():
+def test_pool_batches_have_disjoint_lengths():
   lengths = np.random.default_rng(1).integers(1, 200, size=500)
   batches = _batches(lengths, 8, 3, 5, 40)
   for pool in batches.reshape(8, 5, 8):

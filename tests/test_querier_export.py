@@ -196,6 +196,34 @@ def train_run(model_dir, train_file, workdir, specific_tower):
   loop.train(config, workdir)
 
 
+def test_querier_swaps():
+  records = [
+      {"conversations": [{"from": "A", "value": "hi"},
+                         {"from": "R", "value": "yes"},
+                         {"from": "A", "value": "why?"},
+                         {"from": "R", "value": "because"}],
+       "target_role": "R", "input_role": "A"},
+      {"conversations": [{"from": "C", "value": "who?"},
+                         {"from": "R", "value": "me"}],
+       "target_role": "R", "input_role": "C"},
+      {"conversations": [{"from": "D", "value": "and?"},
+                         {"from": "S", "value": "so"}],
+       "target_role": "S", "input_role": "D"},
+  ]
+  swaps = evaluate.querier_swaps(records, 5)
+  # S answers one querier only, so its window is skipped.
+  assert [i for i, _ in swaps] == [0, 1]
+  first = swaps[0][1]
+  assert first["input_role"] == "C"
+  assert [t["from"] for t in first["conversations"]] == ["C", "R", "C", "R"]
+  assert [t["value"] for t in first["conversations"]] == [
+      t["value"] for t in records[0]["conversations"]]
+  assert swaps[1][1]["input_role"] == "A"
+  assert records[0]["input_role"] == "A"
+  assert evaluate.querier_swaps(records, 1)[0][0] == 0
+  assert not evaluate.querier_swaps(records, 0)
+
+
 def test_evaluate_and_export_cli(model_dirs, tmp_path):
   data = tmp_path / "data"
   data.mkdir()
@@ -224,6 +252,15 @@ def test_evaluate_and_export_cli(model_dirs, tmp_path):
   replies = (tmp_path / "querier" / "eval" / evaluate.REPLIES_FILE
              ).read_text(encoding="utf-8").splitlines()
   assert len(replies) == len(records[::3])
+  swaps = [json.loads(line) for line in (
+      tmp_path / "querier" / "eval" / evaluate.SWAP_FILE).read_text(
+          encoding="utf-8").splitlines()]
+  assert results["querier_swap"]["windows"] == len(swaps) == len(records[::3])
+  for system in ("FT", "querier-aware"):
+    assert results["querier_swap"]["changed"][system] == sum(
+        s[system]["reply"] != s[system]["other_querier_reply"] for s in swaps)
+  assert all(s["other_querier"] != s["input_role"] for s in swaps)
+  assert "changed the reply in" in table
 
   with pytest.raises(ValueError, match="plain LoRA run"):
     evaluate.evaluate_workdir(tmp_path / "ft", evaluate.EvalConfig())

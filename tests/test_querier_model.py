@@ -117,6 +117,24 @@ def test_general_tower_equals_base_llm(model_dir):
                              rtol=0)
 
 
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_gate_starts_at_its_bias(model_dir, bias):
+  lm = llm.from_pretrained(model_dir, dtype="float32", load_tokenizer=False)
+  module = querier_model.QuerierLM(lm.config, specific_rank=8,
+                                   gated_merge=True, gate_init_bias=bias)
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)))
+  positions = jnp.broadcast_to(jnp.arange(12), ids.shape)
+  valid = jnp.ones(ids.shape, bool)
+  params = module.init(jax.random.key(0), ids, positions, valid)["params"]
+  outputs = module.apply({**lm.variables, "params": nn.meta.unbox(params)},
+                         ids, positions, valid, method="towers")
+  weight = 1 / (1 + np.exp(-bias))
+  want = (weight * np.asarray(outputs.general) +
+          (1 - weight) * np.asarray(outputs.specific))
+  np.testing.assert_allclose(np.asarray(outputs.merged), want, atol=1e-6)
+  assert not np.allclose(outputs.general, outputs.specific, atol=1e-3)
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"contrastive_mode": "instance", "second_view": "span_deletion"},

@@ -52,6 +52,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("max_windows", None,
                        "Querier: score this many windows, spread over the "
                        "test file; default all.")
+  flags.DEFINE_integer("swap_windows", 32,
+                       "Querier: windows asked again by another querier of "
+                       "the same responder; 0 skips this.")
 
 
 def main(argv: list[str]) -> None:
@@ -76,7 +79,8 @@ def main(argv: list[str]) -> None:
           querier_evaluate.EvalConfig(
               test_file=values.test_file,
               max_new_tokens=values.max_new_tokens,
-              batch_size=values.batch_size, max_windows=values.max_windows),
+              batch_size=values.batch_size, max_windows=values.max_windows,
+              swap_windows=values.swap_windows),
           ft_workdir=values.ft_workdir, out_dir=values.out)
       with open(results["table"], encoding="utf-8") as f:
         print(f.read())

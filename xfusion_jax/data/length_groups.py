@@ -2,9 +2,9 @@
 
 Windows padded to one fixed length spend compute on their padding. Here the
 shuffled stream of window indices is cut into pools of `pool_batches`
-global batches; each pool is sorted by length and split into batches, which
-are then shuffled within the pool. A batch is later cut to the smallest of
-`buckets` fixed lengths that holds its longest window, so a job compiles
+global batches. Each pool is sorted by length and split into batches, and
+the batches of a pool are shuffled. A batch is later cut to the smallest of
+`buckets` fixed lengths that fits its longest window, so a job compiles
 its step at most `buckets` times.
 
 The plan depends only on the lengths, the global batch size and the seed,

@@ -13,6 +13,11 @@ Scores are given per querier (the `input_role` of the windows), as the
 unweighted mean over queriers and over all windows, in one Markdown table
 (`querier_eval.md`), plus `results.json` and every reply in
 `replies.jsonl`.
+
+The same query from another querier: for some windows the querier's turns
+are given to another querier of the same responder, and the trained systems
+reply again. `querier_swap.jsonl` holds both replies; the table's last line
+counts the windows whose reply changed.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from xfusion_jax.metrics import text as metrics
 TABLE_FILE = "querier_eval.md"
 RESULTS_FILE = "results.json"
 REPLIES_FILE = "replies.jsonl"
+SWAP_FILE = "querier_swap.jsonl"
 METRIC_NAMES = ("rouge_l",) + tuple(f"bleu_{n}" for n in metrics.BLEU_ORDERS)
 _METRIC_TITLES = {"rouge_l": "R-L", "bleu_1": "B-1", "bleu_2": "B-2",
                   "bleu_3": "B-3", "bleu_4": "B-4"}
@@ -53,12 +59,15 @@ class EvalConfig:
     batch_size: windows per generation call.
     max_windows: score only this many windows, spread evenly over the
       file (None scores all).
+    swap_windows: windows, spread evenly over the scored ones, that are
+      asked again by another querier (0 skips this).
   """
 
   test_file: str | None = None
   max_new_tokens: int = 64
   batch_size: int = 8
   max_windows: int | None = None
+  swap_windows: int = 32
 
 
 def default_test_file(train_file: str) -> pathlib.Path:
@@ -83,6 +92,39 @@ def select_windows(records: list[dict[str, Any]],
     return records
   indices = np.linspace(0, len(records) - 1, max_windows).round().astype(int)
   return [records[i] for i in sorted(set(indices.tolist()))]
+
+
+def swap_querier(record: dict[str, Any], other: str) -> dict[str, Any]:
+  """Return a copy of `record` in which `other` speaks the querier's turns."""
+  querier = record["input_role"]
+  turns = [{**turn, "from": other if turn["from"] == querier else turn["from"]}
+           for turn in record["conversations"]]
+  return {**record, "conversations": turns, "input_role": other}
+
+
+def querier_swaps(records: Sequence[dict[str, Any]], count: int
+                  ) -> list[tuple[int, dict[str, Any]]]:
+  """Pick up to `count` records and give each to another querier.
+
+  The other querier is the next one, in sorted order, of the queriers that
+  the same responder replies to in `records`. Records of a responder with one
+  querier are skipped. Returns `(index into records, swapped record)`.
+  """
+  queriers = {}
+  for record in records:
+    queriers.setdefault(record["target_role"], set()).add(record["input_role"])
+  candidates = [i for i, r in enumerate(records)
+                if len(queriers[r["target_role"]]) > 1]
+  chosen = [candidates[i] for i in sorted(set(np.linspace(
+      0, len(candidates) - 1, min(count, len(candidates))).round().astype(
+          int).tolist()))] if candidates and count > 0 else []
+  swaps = []
+  for i in chosen:
+    record = records[i]
+    names = sorted(queriers[record["target_role"]])
+    other = names[(names.index(record["input_role"]) + 1) % len(names)]
+    swaps.append((i, swap_querier(record, other)))
+  return swaps
 
 
 def score_table(replies: dict[str, Sequence[str]],
@@ -178,8 +220,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
       max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
   logging.info("Scoring %d windows of %s.", len(records), test_file)
 
-  replies = {"zero-shot": _generate(
-      "zero-shot", inference.ReplyGenerator(trained.lm, **common), records)}
+  generators = {"zero-shot": inference.ReplyGenerator(trained.lm, **common)}
   if ft_workdir is not None:
     ft = artifacts.load_workdir(ft_workdir)
     if ft.specific_tower:
@@ -189,13 +230,12 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
         "weights_sha256"]:
       raise ValueError(f"{ft_workdir} was trained beside another frozen LLM "
                        f"({ft.frozen_source['path']}) than {workdir}.")
-    replies["FT"] = _generate(
-        "FT", inference.ReplyGenerator(trained.lm, ft.module, ft.params,
-                                       **common), records)
-  replies["querier-aware"] = _generate(
-      "querier-aware",
-      inference.ReplyGenerator(trained.lm, trained.module, trained.params,
-                               **common), records)
+    generators["FT"] = inference.ReplyGenerator(trained.lm, ft.module,
+                                                ft.params, **common)
+  generators["querier-aware"] = inference.ReplyGenerator(
+      trained.lm, trained.module, trained.params, **common)
+  replies = {name: _generate(name, generator, records)
+             for name, generator in generators.items()}
 
   table = score_table(replies, records)
   counts = {q: sum(r["input_role"] == q for r in records)
@@ -204,6 +244,32 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "eval"
   out.mkdir(parents=True, exist_ok=True)
   markdown = markdown_table(table, counts)
+  swaps = querier_swaps(records, config.swap_windows)
+  changed = {}
+  if swaps:
+    swapped = [record for _, record in swaps]
+    trained_systems = [name for name in generators if name != "zero-shot"]
+    swap_replies = {name: _generate(f"{name}, other querier",
+                                    generators[name], swapped)
+                    for name in trained_systems}
+    changed = {name: sum(swap_replies[name][k] != replies[name][i]
+                         for k, (i, _) in enumerate(swaps))
+               for name in trained_systems}
+    markdown += ("\nThe same query from another querier of the same "
+                 "responder changed the reply in " + "; ".join(
+                     f"{count} of {len(swaps)} windows ({name})"
+                     for name, count in changed.items()) + ".\n")
+    with open(out / SWAP_FILE, "w", encoding="utf-8") as f:
+      for k, (i, record) in enumerate(swaps):
+        f.write(json.dumps({
+            "window": i, "target_role": record["target_role"],
+            "input_role": records[i]["input_role"],
+            "other_querier": record["input_role"],
+            "query": record["conversations"][-2]["value"]
+            if len(record["conversations"]) > 1 else "",
+            **{name: {"reply": replies[name][i],
+                      "other_querier_reply": swap_replies[name][k]}
+               for name in trained_systems}}, ensure_ascii=False) + "\n")
   (out / TABLE_FILE).write_text(markdown, encoding="utf-8")
   with open(out / REPLIES_FILE, "w", encoding="utf-8") as f:
     for i, record in enumerate(records):
@@ -216,6 +282,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   results = {"workdir": str(workdir), "ft_workdir": ft_workdir and str(
       ft_workdir), "test_file": str(test_file), "windows": len(records),
              "max_new_tokens": config.max_new_tokens, "scores": table,
+             "querier_swap": {"windows": len(swaps), "changed": changed},
              "table": str(out / TABLE_FILE)}
   with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2, ensure_ascii=False)

@@ -12,11 +12,12 @@ then "RESPONDER: " and the reply. The prompt is cut from the left to fit
 Config fields (besides the loop's): `model_dir`, `train_file` (MQDialog JSON
 list or JSON Lines), `seq_len`, `lora_rank`, `lora_alpha`, `lora_dropout`,
 `specific_rank`, `gated_merge`, `gate_init_bias`, `remat_policy`,
-`contrastive_mode` ("prototype" or "instance"), `second_view` ("heads", "token_dropout" or
-"span_deletion"), `token_dropout_rate`, `span_deletion_fraction`,
-`contrastive_weight`, `contrastive_temperature`, `contrastive_clip`,
-`bank_length`, `projection_dim`, `projection_hidden_dim`, `sample_tokens`,
-`specific_tower`, `length_buckets`, `length_group_batches`.
+`contrastive_mode` ("prototype" or "instance"), `second_view` ("heads",
+"token_dropout" or "span_deletion"), `token_dropout_rate`,
+`span_deletion_fraction`, `contrastive_weight`, `contrastive_temperature`,
+`contrastive_clip`, `bank_length`, `projection_dim`, `projection_hidden_dim`,
+`sample_tokens`, `specific_tower`, `length_buckets`,
+`length_group_batches`.
 
 `specific_tower = False` trains the plain LoRA fine-tune (FT) that the
 evaluation compares against: the general tower alone, on the same data,
@@ -125,7 +126,7 @@ def make_dataset(examples: list[dict[str, np.ndarray]],
 
   Windows are grouped by length over pools of `config.length_group_batches`
   global batches, and each batch is cut to the smallest of
-  `config.length_buckets` lengths up to `seq_len` that holds its longest
+  `config.length_buckets` lengths up to `seq_len` that fits its longest
   window (see `xfusion_jax.data.length_groups`). Cutting drops only right
   padding, which a causal model and the masked losses ignore.
 
