@@ -182,6 +182,26 @@ def test_text_samples_written(tiny_run):
   assert "step 20:" in text
 
 
+def test_step_time_starts_after_previous_step(tmp_path):
+  # The loop dispatches step 2 before step 1 has finished, so step 2's time
+  # starts when step 1's metrics arrive, not at its own dispatch.
+  writer = metrics.MetricWriter(tmp_path)
+  logger = loop._StepLogger(lm_adapter_tiny.get_config(), writer, 1.0, None)
+  values = {"loss": 1.0, "grad_norm": 1.0, "learning_rate": 0.1,
+            "params_finite": True}
+  dispatched = time.perf_counter()
+  time.sleep(0.5)
+  logger.finish(loop._StepRecord(1, values, dispatched, 0.0, 10))
+  time.sleep(0.05)
+  logger.finish(loop._StepRecord(2, values, dispatched, 0.0, 10))
+  writer.close()
+  first = logger.history[1]["perf/step_time_s"]
+  second = logger.history[2]["perf/step_time_s"]
+  assert first >= 0.5
+  assert 0.05 <= second < 0.5
+  assert logger.history[2]["perf/tokens_per_s"] == pytest.approx(10 / second)
+
+
 def test_image_samples_written(tmp_path):
   writer = metrics.MetricWriter(tmp_path)
   image = np.zeros((4, 6, 3), np.uint8)

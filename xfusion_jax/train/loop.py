@@ -377,17 +377,27 @@ class _StepLogger:
     self._flops_per_token = flops_per_token
     self._peak_flops = peak_flops
     self.history: dict[int, dict[str, float]] = {}
+    self._last_done = -math.inf
 
-  def finish(self, record: _StepRecord, end_time: float) -> None:
+  def finish(self, record: _StepRecord) -> None:
     """Block on the record's metrics and write them.
+
+    The step time runs from when the device could start the step (the
+    start of its loop iteration, or the end of the step before if that came
+    later) to the arrival of its metrics. The loop dispatches each step
+    before it waits for the one before, so the time from one dispatch to
+    the next would measure the earlier step, which differs when batches
+    differ in length.
 
     Raises:
       NonFiniteLossError: if the loss, the gradient norm or the updated
         parameters are not finite.
     """
     values = {k: float(v) for k, v in jax.device_get(record.metrics).items()}
+    done = time.perf_counter()
+    step_time = done - max(record.start_time, self._last_done)
+    self._last_done = done
     _check_finite(record.step, values)
-    step_time = end_time - record.start_time
     scalars = {"train/loss": values.pop("loss")}
     values.pop("params_finite")
     scalars["train/grad_norm"] = values.pop("grad_norm")
@@ -532,7 +542,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     # Metrics of the previous step are fetched only now, so the host does
     # not wait for the step it has just dispatched (except before a save).
     if pending is not None:
-      step_logger.finish(pending, start_time)
+      step_logger.finish(pending)
     pending = _StepRecord(
         step, step_metrics, start_time, data_wait,
         task.tokens_per_batch(local_batch) * jax.process_count())
@@ -546,7 +556,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       # step time excludes the save and the samples.
       # NOTE: finite parameters whose next loss is NaN still get saved; the
       # check covers this step's loss, gradients and updated parameters.
-      step_logger.finish(pending, time.perf_counter())
+      step_logger.finish(pending)
       pending = None
     if save:
       checkpointer.save(step, state, data_iterator)
@@ -559,7 +569,7 @@ def _run_steps(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                       "checkpoint of this step is being written.", step)
       return state, True
   if pending is not None:
-    step_logger.finish(pending, time.perf_counter())
+    step_logger.finish(pending)
   if start_step >= config.total_steps:
     logging.info("The checkpoint of step %d already reaches "
                   "config.total_steps=%d; nothing to run.", start_step,
