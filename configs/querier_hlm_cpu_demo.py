@@ -29,6 +29,10 @@ from xfusion_jax.train import config as config_lib
 
 def get_config():
   config = querier_task.add_fields(config_lib.base_config())
+  # Starts the merge at 0.95 on the general tower, which equals the frozen
+  # LLM before training; the plain average starts far worse (docs/querier.md).
+  config.gated_merge = True
+  config.gate_init_bias = 3.0
   # Built only when the flag does not set another folder.
   overridden = any(arg.startswith("--config.model_dir") for arg in sys.argv)
   config.model_dir = "" if overridden else str(gguf_convert.gemma3_270m())

@@ -17,6 +17,10 @@ from xfusion_jax.train import config as config_lib
 
 def get_config():
   config = querier_task.add_fields(config_lib.base_config())
+  # Starts the merge at 0.95 on the general tower, which equals the frozen
+  # LLM before training; the plain average starts far worse (docs/querier.md).
+  config.gated_merge = True
+  config.gate_init_bias = 3.0
   config.seq_len = 512
   config.remat_policy = "dots_with_no_batch_dims"
   config.sample_tokens = 64
