@@ -209,19 +209,28 @@ def test_querier_swaps():
       {"conversations": [{"from": "D", "value": "and?"},
                          {"from": "S", "value": "so"}],
        "target_role": "S", "input_role": "D"},
+      {"conversations": [{"from": "E", "value": "now?"},
+                         {"from": "A", "value": "wait"},
+                         {"from": "R", "value": "soon"}],
+       "target_role": "R", "input_role": "E"},
   ]
   swaps = evaluate.querier_swaps(records, 5)
-  # S answers one querier only, so its window is skipped.
-  assert [i for i, _ in swaps] == [0, 1]
+  # S replies to one querier only, so its window is skipped.
+  assert [i for i, _ in swaps] == [0, 1, 3]
   first = swaps[0][1]
   assert first["input_role"] == "C"
   assert [t["from"] for t in first["conversations"]] == ["C", "R", "C", "R"]
   assert [t["value"] for t in first["conversations"]] == [
       t["value"] for t in records[0]["conversations"]]
-  assert swaps[1][1]["input_role"] == "A"
+  assert swaps[1][1]["input_role"] == "E"
   assert records[0]["input_role"] == "A"
+  # A, next after E, already speaks in window 3, so C takes E's turns.
+  assert [t["from"] for t in swaps[2][1]["conversations"]] == ["C", "A", "R"]
   assert evaluate.querier_swaps(records, 1)[0][0] == 0
   assert not evaluate.querier_swaps(records, 0)
+  with pytest.raises(ValueError, match="--swap_windows=-1"):
+    evaluate.evaluate_workdir("/nonexistent",
+                              evaluate.EvalConfig(swap_windows=-1))
 
 
 def test_evaluate_and_export_cli(model_dirs, tmp_path):
@@ -261,6 +270,11 @@ def test_evaluate_and_export_cli(model_dirs, tmp_path):
         s[system]["reply"] != s[system]["other_querier_reply"] for s in swaps)
   assert all(s["other_querier"] != s["input_role"] for s in swaps)
   assert "changed the reply in" in table
+  evaluate.evaluate_workdir(
+      tmp_path / "querier",
+      evaluate.EvalConfig(max_new_tokens=2, max_windows=2, swap_windows=0),
+      ft_workdir=tmp_path / "ft")
+  assert not (tmp_path / "querier" / "eval" / evaluate.SWAP_FILE).exists()
 
   with pytest.raises(ValueError, match="plain LoRA run"):
     evaluate.evaluate_workdir(tmp_path / "ft", evaluate.EvalConfig())

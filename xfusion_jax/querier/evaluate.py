@@ -107,24 +107,28 @@ def querier_swaps(records: Sequence[dict[str, Any]], count: int
   """Pick up to `count` records and give each to another querier.
 
   The other querier is the next one, in sorted order, of the queriers that
-  the same responder replies to in `records`. Records of a responder with one
-  querier are skipped. Returns `(index into records, swapped record)`.
+  the same responder replies to in `records` who do not speak in the
+  window, so no two speakers share a name. Records without such a querier
+  are skipped. Returns `(index into records, swapped record)`.
   """
   queriers = {}
   for record in records:
     queriers.setdefault(record["target_role"], set()).add(record["input_role"])
-  candidates = [i for i, r in enumerate(records)
-                if len(queriers[r["target_role"]]) > 1]
-  chosen = [candidates[i] for i in sorted(set(np.linspace(
-      0, len(candidates) - 1, min(count, len(candidates))).round().astype(
-          int).tolist()))] if candidates and count > 0 else []
-  swaps = []
-  for i in chosen:
-    record = records[i]
+  others = {}
+  for i, record in enumerate(records):
     names = sorted(queriers[record["target_role"]])
-    other = names[(names.index(record["input_role"]) + 1) % len(names)]
-    swaps.append((i, swap_querier(record, other)))
-  return swaps
+    start = names.index(record["input_role"]) + 1
+    speakers = {turn["from"] for turn in record["conversations"]}
+    free = [name for name in names[start:] + names[:start]
+            if name not in speakers]
+    if free:
+      others[i] = free[0]
+  candidates = sorted(others)
+  if not candidates or count <= 0:
+    return []
+  picks = np.linspace(0, len(candidates) - 1, min(count, len(candidates)))
+  chosen = [candidates[k] for k in sorted(set(picks.round().astype(int)))]
+  return [(i, swap_querier(records[i], others[i])) for i in chosen]
 
 
 def score_table(replies: dict[str, Sequence[str]],
@@ -201,6 +205,9 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
     ValueError: when a workdir contains the wrong kind of run.
     FileNotFoundError: when a checkpoint or the test file is missing.
   """
+  if config.swap_windows < 0:
+    raise ValueError(f"--swap_windows={config.swap_windows} is negative; "
+                     "pass 0 to skip the querier swap, or a window count.")
   trained = artifacts.load_workdir(workdir)
   if not trained.specific_tower:
     raise ValueError(
@@ -246,6 +253,11 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   markdown = markdown_table(table, counts)
   swaps = querier_swaps(records, config.swap_windows)
   changed = {}
+  # A file of an earlier evaluation must not pass for this one's.
+  (out / SWAP_FILE).unlink(missing_ok=True)
+  if config.swap_windows and not swaps:
+    logging.warning("No window was asked again by another querier: no "
+                    "responder has a querier outside some window's speakers.")
   if swaps:
     swapped = [record for _, record in swaps]
     trained_systems = [name for name in generators if name != "zero-shot"]
