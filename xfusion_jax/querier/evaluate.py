@@ -16,8 +16,8 @@ unweighted mean over queriers and over all windows, in one Markdown table
 
 The same query from another querier: for some windows the querier's turns
 are given to another querier of the same responder, and the trained systems
-reply again. `querier_swap.jsonl` holds both replies; the table's last line
-counts the windows whose reply changed.
+reply again. `querier_swap.jsonl` contains both replies, and the line
+under the table counts the windows whose reply changed.
 """
 
 from __future__ import annotations
