@@ -61,7 +61,8 @@ def test_plan_depends_only_on_seed():
 def test_grouped_batches_dataset_and_errors():
   dataset = length_groups.grouped_batches([3, 1, 2, 5], 2, 0, 2)
   index, rows = dataset[5]
-  assert index == 5 and rows.shape == (2,)
+  assert index == 5
+  assert rows.shape == (2,)
   with pytest.raises(ValueError, match="no windows"):
     length_groups.GroupedPlan([], 2, 0, 2)
   with pytest.raises(ValueError, match="pool_batches=0"):

@@ -157,11 +157,11 @@ def make_dataset(examples: list[dict[str, np.ndarray]],
         rng = np.random.default_rng([seed, index, row])
         example = {**example, **augment_window(example, mode, rate, rng)}
       batch.append(example)
-    return {
-        name: np.stack([e[name] for e in batch])[:, :length + 1]
-        if batch[0][name].ndim else np.stack([e[name] for e in batch])
-        for name in batch[0]
-    }
+    stacked = {name: np.stack([e[name] for e in batch]) for name in batch[0]}
+    # Only the [batch, seq_len + 1] arrays are cut; cluster and querier ids
+    # are one value per window.
+    return {name: value[:, :length + 1] if value.ndim == 2 else value
+            for name, value in stacked.items()}
 
   return plan.map(load).to_iter_dataset(
       grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
