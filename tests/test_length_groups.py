@@ -1,5 +1,8 @@
 """Length-grouped global batches: buckets, coverage, grouping, determinism."""
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -67,3 +70,14 @@ def test_grouped_batches_dataset_and_errors():
     length_groups.GroupedPlan([], 2, 0, 2)
   with pytest.raises(ValueError, match="pool_batches=0"):
     length_groups.GroupedPlan([1], 2, 0, 0)
+
+
+def test_finished_plan_is_freed():
+  plan = length_groups.GroupedPlan(np.arange(1, 33), 4, 0, 2)
+  first = plan(0)
+  np.testing.assert_array_equal(plan(0), first)
+  ref = weakref.ref(plan)
+  del plan
+  gc.collect()
+  # A cache shared by all plans would still hold it.
+  assert ref() is None

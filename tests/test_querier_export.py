@@ -233,6 +233,51 @@ def test_querier_swaps():
                               evaluate.EvalConfig(swap_windows=-1))
 
 
+def _rouge_table(values: dict[str, list[float]]) -> dict:
+  """A `score_table`-shaped table with only ROUGE-L, one value per querier."""
+  table = {}
+  for system, column in values.items():
+    rows = {f"q{i}": {"rouge_l": v} for i, v in enumerate(column)}
+    rows[evaluate.MEAN_OVER_QUERIERS] = {"rouge_l": float(np.mean(column))}
+    rows[evaluate.ALL_WINDOWS] = {"rouge_l": -1.0}
+    table[system] = rows
+  return table
+
+
+def test_paired_rouge_l_matches_direct_bootstrap():
+  rng = np.random.default_rng(3)
+  base = rng.uniform(0, 30, 40)
+  diffs = rng.normal(0.5, 2.0, 40)
+  diffs[:5] = 0.0
+  table = _rouge_table({"A": list(base + diffs), "B": list(base)})
+  got = evaluate.paired_rouge_l(table, "A", "B", resamples=20000)
+  assert got["mean"] == pytest.approx(
+      table["A"][evaluate.MEAN_OVER_QUERIERS]["rouge_l"] -
+      table["B"][evaluate.MEAN_OVER_QUERIERS]["rouge_l"])
+  assert (got["queriers"], got["equal"]) == (40, 5)
+  assert got["higher"] == int(((base + diffs) > base).sum())
+  assert got["higher"] + got["lower"] == 35
+  # A direct percentile bootstrap: means of queriers drawn with replacement.
+  actual = (base + diffs) - base
+  means = actual[rng.integers(0, 40, (20000, 40))].mean(axis=1)
+  low, high = np.percentile(means, [2.5, 97.5])
+  assert got["low"] == pytest.approx(low, abs=0.03)
+  assert got["high"] == pytest.approx(high, abs=0.03)
+  assert got["low"] < got["mean"] < got["high"]
+
+  shifted = evaluate.paired_rouge_l(
+      _rouge_table({"A": list(base + 2.0), "B": list(base)}), "A", "B", 1000)
+  assert shifted["low"] == shifted["high"] == pytest.approx(2.0)
+  skipped = evaluate.paired_rouge_l(table, "A", "B", resamples=0)
+  assert skipped["low"] is skipped["high"] is None
+  assert "bootstrap" not in evaluate.paired_line(skipped)
+  assert (f"{got['low']:+.2f} to {got['high']:+.2f}" in
+          evaluate.paired_line(got))
+  with pytest.raises(ValueError, match="--bootstrap_resamples=-1"):
+    evaluate.evaluate_workdir("/nonexistent",
+                              evaluate.EvalConfig(bootstrap_resamples=-1))
+
+
 def test_evaluate_and_export_cli(model_dirs, tmp_path):
   data = tmp_path / "data"
   data.mkdir()
@@ -270,6 +315,12 @@ def test_evaluate_and_export_cli(model_dirs, tmp_path):
         s[system]["reply"] != s[system]["other_querier_reply"] for s in swaps)
   assert all(s["other_querier"] != s["input_role"] for s in swaps)
   assert "changed the reply in" in table
+  paired = results["paired_rouge_l"]
+  assert paired["mean"] == pytest.approx(
+      scores["querier-aware"][evaluate.MEAN_OVER_QUERIERS]["rouge_l"] -
+      scores["FT"][evaluate.MEAN_OVER_QUERIERS]["rouge_l"])
+  assert paired["queriers"] == len(queriers)
+  assert evaluate.paired_line(paired) in table
   evaluate.evaluate_workdir(
       tmp_path / "querier",
       evaluate.EvalConfig(max_new_tokens=2, max_windows=2, swap_windows=0),

@@ -55,6 +55,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("swap_windows", 32,
                        "Querier: windows asked again by another querier of "
                        "the same responder; 0 skips this.")
+  flags.DEFINE_integer("bootstrap_resamples", 10000,
+                       "Querier: bootstrap resamples of the queriers for the "
+                       "interval of querier-aware minus FT ROUGE-L; 0 skips "
+                       "the interval.")
 
 
 def main(argv: list[str]) -> None:
@@ -80,7 +84,8 @@ def main(argv: list[str]) -> None:
               test_file=values.test_file,
               max_new_tokens=values.max_new_tokens,
               batch_size=values.batch_size, max_windows=values.max_windows,
-              swap_windows=values.swap_windows),
+              swap_windows=values.swap_windows,
+              bootstrap_resamples=values.bootstrap_resamples),
           ft_workdir=values.ft_workdir, out_dir=values.out)
       with open(results["table"], encoding="utf-8") as f:
         print(f.read())

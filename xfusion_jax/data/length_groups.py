@@ -54,9 +54,11 @@ class GroupedPlan:
     # Reshuffled every epoch, like `MapDataset.shuffle(...).repeat()`.
     self._stream = grain.MapDataset.range(self.lengths.size).shuffle(
         seed=seed).repeat()
+    # Consecutive batches share a pool. A cache per plan, not one on the
+    # class, so a finished plan is not kept alive by the cache.
+    self._pool = functools.lru_cache(maxsize=2)(self._build_pool)
 
-  @functools.lru_cache(maxsize=2)
-  def _pool(self, pool: int) -> np.ndarray:
+  def _build_pool(self, pool: int) -> np.ndarray:
     """Return the batches of pool `pool` as `[pool_batches, global_batch]`."""
     size = self.global_batch * self.pool_batches
     start = pool * size

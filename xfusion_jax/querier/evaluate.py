@@ -14,6 +14,11 @@ unweighted mean over queriers and over all windows, in one Markdown table
 (`querier_eval.md`), plus `results.json` and every reply in
 `replies.jsonl`.
 
+Whether the querier-aware model beats FT: the per-querier ROUGE-L
+differences are averaged, with a percentile bootstrap interval over
+queriers (`paired_rouge_l`), so a gap smaller than the spread between
+queriers is not read as a gain.
+
 The same query from another querier: for some windows the querier's turns
 are given to another querier of the same responder, and the trained systems
 reply again. `querier_swap.jsonl` contains both replies, and the line
@@ -31,6 +36,7 @@ from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
+from scipy import stats
 
 from xfusion_jax.querier import artifacts
 from xfusion_jax.querier import data as querier_data
@@ -61,6 +67,8 @@ class EvalConfig:
       file (None scores all).
     swap_windows: windows, spread evenly over the scored ones, that are
       asked again by another querier (0 skips this).
+    bootstrap_resamples: resamples of the queriers for the interval of the
+      querier-aware minus FT ROUGE-L (0 skips the interval).
   """
 
   test_file: str | None = None
@@ -68,6 +76,7 @@ class EvalConfig:
   batch_size: int = 8
   max_windows: int | None = None
   swap_windows: int = 32
+  bootstrap_resamples: int = 10000
 
 
 def default_test_file(train_file: str) -> pathlib.Path:
@@ -156,6 +165,58 @@ def score_table(replies: dict[str, Sequence[str]],
   return table
 
 
+def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
+                   system: str, baseline: str, resamples: int,
+                   confidence: float = 0.95, seed: int = 0
+                   ) -> dict[str, Any]:
+  """Compare two systems of `score_table` querier by querier on ROUGE-L.
+
+  The difference is `system - baseline` per querier; its mean equals the
+  difference of the two `MEAN_OVER_QUERIERS` rows. The interval is the
+  percentile bootstrap of that mean over queriers drawn with replacement,
+  so it reflects how much the gap depends on which queriers were held out
+  (not the run-to-run spread of training).
+
+  Returns:
+    `mean`, the interval `low` to `high`, `confidence`, `resamples`,
+    `queriers`, and the counts of queriers where `system` is `higher`,
+    `lower` or `equal`. `low` and `high` equal `mean` when every querier
+    has the same difference. They are None when `resamples` is 0.
+  """
+  queriers = [row for row in table[system]
+              if row not in (MEAN_OVER_QUERIERS, ALL_WINDOWS)]
+  diffs = np.array([table[system][q]["rouge_l"] - table[baseline][q]["rouge_l"]
+                    for q in queriers])
+  mean = float(diffs.mean())
+  if not resamples:
+    low = high = None
+  elif np.ptp(diffs) == 0:
+    # scipy reports a degenerate sample as NaN; every resample has this mean.
+    low = high = mean
+  else:
+    interval = stats.bootstrap(
+        (diffs,), np.mean, n_resamples=resamples, confidence_level=confidence,
+        method="percentile", rng=np.random.default_rng(seed)
+    ).confidence_interval
+    low, high = float(interval.low), float(interval.high)
+  return {"system": system, "baseline": baseline, "mean": mean, "low": low,
+          "high": high, "confidence": confidence, "resamples": resamples,
+          "queriers": len(queriers), "higher": int((diffs > 0).sum()),
+          "lower": int((diffs < 0).sum()), "equal": int((diffs == 0).sum())}
+
+
+def paired_line(paired: dict[str, Any]) -> str:
+  """Return the sentence under the table that states `paired_rouge_l`."""
+  line = (f"{paired['system']} minus {paired['baseline']}, mean ROUGE-L "
+          f"over queriers: {paired['mean']:+.2f}")
+  if paired["low"] is not None:
+    line += (f" ({paired['confidence']:.0%} bootstrap interval over the "
+             f"{paired['queriers']} queriers, {paired['resamples']} "
+             f"resamples: {paired['low']:+.2f} to {paired['high']:+.2f})")
+  return line + (f"; higher for {paired['higher']} queriers, lower for "
+                 f"{paired['lower']}, equal for {paired['equal']}.\n")
+
+
 def markdown_table(table: dict[str, dict[str, dict[str, float]]],
                    counts: dict[str, int]) -> str:
   """Render `score_table` output: one row per querier, five columns a system."""
@@ -208,6 +269,10 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   if config.swap_windows < 0:
     raise ValueError(f"--swap_windows={config.swap_windows} is negative; "
                      "pass 0 to skip the querier swap, or a window count.")
+  if config.bootstrap_resamples < 0:
+    raise ValueError(
+        f"--bootstrap_resamples={config.bootstrap_resamples} is negative; "
+        "pass 0 to skip the interval, or a resample count such as 10000.")
   trained = artifacts.load_workdir(workdir)
   if not trained.specific_tower:
     raise ValueError(
@@ -251,6 +316,11 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   out = pathlib.Path(out_dir) if out_dir else pathlib.Path(workdir) / "eval"
   out.mkdir(parents=True, exist_ok=True)
   markdown = markdown_table(table, counts)
+  paired = None
+  if "FT" in table:
+    paired = paired_rouge_l(table, "querier-aware", "FT",
+                            config.bootstrap_resamples)
+    markdown += "\n" + paired_line(paired)
   swaps = querier_swaps(records, config.swap_windows)
   changed = {}
   # A file of an earlier evaluation must not pass for this one's.
@@ -294,6 +364,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   results = {"workdir": str(workdir), "ft_workdir": ft_workdir and str(
       ft_workdir), "test_file": str(test_file), "windows": len(records),
              "max_new_tokens": config.max_new_tokens, "scores": table,
+             "paired_rouge_l": paired,
              "querier_swap": {"windows": len(swaps), "changed": changed},
              "table": str(out / TABLE_FILE)}
   with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:
