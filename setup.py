@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
     # ROUGE-L and BLEU of the querier evaluation.
     "rouge-score==0.1.2",
     "sacrebleu==2.6.0",
+    # The bootstrap interval of the querier evaluation.
+    "scipy==1.17.1",
     # The ablation harness draws its plots with it.
     "matplotlib==3.11.2",
     # tensorflow-datasets 4.9.10 imports it while building a dataset but does
