@@ -21,6 +21,7 @@ from xfusion_jax.querier import contrastive
 from xfusion_jax.querier import evaluate
 from xfusion_jax.querier import inference
 from xfusion_jax.querier import task as querier_task
+from xfusion_jax.train import lm_adapter
 from xfusion_jax.train import loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -321,6 +322,28 @@ def test_evaluate_and_export_cli(model_dirs, tmp_path):
       scores["FT"][evaluate.MEAN_OVER_QUERIERS]["rouge_l"])
   assert paired["queriers"] == len(queriers)
   assert evaluate.paired_line(paired) in table
+  # The gate's weight recovered from the merge itself, at reply tokens.
+  trained = artifacts.load_workdir(tmp_path / "querier")
+  tokenizer = lm_adapter.TextTokenizer(trained.lm)
+  recovered = []
+  for record in records[::3]:
+    window = querier_task.encode_record(record, tokenizer, 48)
+    tokens = jnp.asarray(window["tokens"][None, :-1])
+    outputs = trained.module.apply(
+        {**trained.lm.variables, "params": trained.params}, tokens,
+        jnp.arange(48)[None], jnp.asarray(window["valid"][None, :-1]),
+        method="towers")
+    general, specific, merged = (np.asarray(a[0], np.float64) for a in (
+        outputs.general, outputs.specific, outputs.merged))
+    # merged = w * general + (1 - w) * specific, solved for w per token.
+    gap = general - specific
+    w = ((merged - specific) * gap).sum(-1) / (gap * gap).sum(-1)
+    recovered.append(w[window["response"][1:]])
+  recovered = np.concatenate(recovered)
+  gate = results["gate_general_weight"]
+  assert gate["tokens"] == recovered.size
+  assert gate["mean"] == pytest.approx(recovered.mean(), abs=1e-5)
+  assert f"mean weight of {gate['mean']:.3f}" in table
   evaluate.evaluate_workdir(
       tmp_path / "querier",
       evaluate.EvalConfig(max_new_tokens=2, max_windows=2, swap_windows=0),

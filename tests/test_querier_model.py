@@ -132,6 +132,8 @@ def test_gate_starts_at_its_bias(model_dir, bias):
   want = (weight * np.asarray(outputs.general) +
           (1 - weight) * np.asarray(outputs.specific))
   np.testing.assert_allclose(np.asarray(outputs.merged), want, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(outputs.general_weight),
+                             np.full((2, 12, 1), weight), rtol=1e-6)
   assert not np.allclose(outputs.general, outputs.specific, atol=1e-3)
 
 

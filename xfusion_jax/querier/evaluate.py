@@ -17,7 +17,9 @@ unweighted mean over queriers and over all windows, in one Markdown table
 Whether the querier-aware model beats FT: the per-querier ROUGE-L
 differences are averaged, with a percentile bootstrap interval over
 queriers (`paired_rouge_l`), so a gap smaller than the spread between
-queriers is not read as a gain.
+queriers is not read as a gain. With a gated merge, the mean weight the
+gate gives the general tower at the reference reply tokens is reported
+too: near 1, the specific tower hardly reaches the replies.
 
 The same query from another querier: for some windows the querier's turns
 are given to another querier of the same responder, and the trained systems
@@ -171,7 +173,7 @@ def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
                    ) -> dict[str, Any]:
   """Compare two systems of `score_table` querier by querier on ROUGE-L.
 
-  The difference is `system - baseline` per querier; its mean equals the
+  The difference is `system - baseline` per querier, and its mean equals the
   difference of the two `MEAN_OVER_QUERIERS` rows. The interval is the
   percentile bootstrap of that mean over queriers drawn with replacement,
   so it reflects how much the gap depends on which queriers were held out
@@ -191,7 +193,8 @@ def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
   if not resamples:
     low = high = None
   elif np.ptp(diffs) == 0:
-    # scipy reports a degenerate sample as NaN; every resample has this mean.
+    # scipy reports NaN for a constant sample, whose resamples all have this
+    # mean.
     low = high = mean
   else:
     interval = stats.bootstrap(
@@ -321,6 +324,19 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
     paired = paired_rouge_l(table, "querier-aware", "FT",
                             config.bootstrap_resamples)
     markdown += "\n" + paired_line(paired)
+  gate = None
+  if trained.module.gated_merge:
+    # A gate that shuts the specific tower out leaves FT's model behind.
+    weights = inference.reply_general_weights(
+        trained.lm, trained.module, trained.params, records, seq_len,
+        config.batch_size)
+    p10, p50, p90 = np.percentile(weights, [10, 50, 90])
+    gate = {"mean": float(weights.mean()), "p10": float(p10),
+            "p50": float(p50), "p90": float(p90), "tokens": int(weights.size)}
+    markdown += (
+        f"\nThe gate gave the general tower a mean weight of "
+        f"{gate['mean']:.3f} at the {gate['tokens']} reference reply tokens "
+        f"(10th to 90th percentile: {p10:.3f} to {p90:.3f}).\n")
   swaps = querier_swaps(records, config.swap_windows)
   changed = {}
   # A file of an earlier evaluation must not pass for this one's.
@@ -364,7 +380,7 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   results = {"workdir": str(workdir), "ft_workdir": ft_workdir and str(
       ft_workdir), "test_file": str(test_file), "windows": len(records),
              "max_new_tokens": config.max_new_tokens, "scores": table,
-             "paired_rouge_l": paired,
+             "paired_rouge_l": paired, "gate_general_weight": gate,
              "querier_swap": {"windows": len(swaps), "changed": changed},
              "table": str(out / TABLE_FILE)}
   with open(out / RESULTS_FILE, "w", encoding="utf-8") as f:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xfusion_jax import llm
+from xfusion_jax.data import length_groups
 from xfusion_jax.llm import model as lm_model
 from xfusion_jax.llm import sampling
 from xfusion_jax.querier import model as querier_model
@@ -170,3 +171,46 @@ class ReplyGenerator:
   @property
   def stop_ids(self) -> tuple[int, ...]:
     return self._stop_ids
+
+
+def reply_general_weights(lm: llm.FrozenLM, module: querier_model.QuerierLM,
+                          params: Any, records: Sequence[dict[str, Any]],
+                          seq_len: int, batch_size: int = 8) -> np.ndarray:
+  """Return the general tower's merge weight at each reference reply token.
+
+  Every record is encoded as in training (its prompt, then its real reply,
+  `seq_len` tokens at most), and the weight is read at the positions whose
+  merged state predicts a reply token. The values are in record order,
+  one per reply token.
+  """
+  tokenizer = lm_adapter.TextTokenizer(lm)
+  encoded = [querier_task.encode_record(r, tokenizer, seq_len)
+             for r in records]
+  variables = {**lm.variables, "params": params}
+
+  @jax.jit
+  def weights(tokens, valid):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    outputs = module.apply(variables, tokens, positions, valid,
+                           method=querier_model.QuerierLM.towers)
+    return outputs.general_weight[..., 0]
+
+  # Similar lengths share a batch, cut to one of a few bucket lengths so
+  # that few shapes compile.
+  order = sorted(range(len(encoded)), key=lambda i: encoded[i]["valid"].sum())
+  found: list[np.ndarray] = [np.zeros(0, np.float32)] * len(encoded)
+  for start in range(0, len(order), batch_size):
+    chosen = order[start:start + batch_size]
+    rows = [encoded[i] for i in chosen]
+    rows += [rows[-1]] * (batch_size - len(rows))
+    length = length_groups.bucket_length(
+        max(int(r["valid"].sum()) for r in rows) - 1, seq_len, 4)
+    tokens = np.stack([r["tokens"][:length] for r in rows])
+    valid = np.stack([r["valid"][:length] for r in rows])
+    batch_weights = np.asarray(weights(jnp.asarray(tokens),
+                                       jnp.asarray(valid)))
+    for row, index in enumerate(chosen):
+      # Position t predicts token t + 1.
+      predicts = encoded[index]["response"][1:length + 1]
+      found[index] = batch_weights[row][predicts]
+  return np.concatenate(found)

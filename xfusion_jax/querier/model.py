@@ -68,12 +68,16 @@ class TowerOutputs(NamedTuple):
       layer, before any final norm (input of the contrastive head); None
       without the specific tower.
     merged: what the LM head receives.
+    general_weight: `[batch, seq, 1]`, the general tower's share of
+      `merged` per token: the gate, 0.5 for the plain average, 1 without
+      the specific tower.
   """
 
   general: jax.Array
   specific: jax.Array | None
   specific_last_layer: jax.Array | None
   merged: jax.Array
+  general_weight: jax.Array
 
 
 def _uniform(bound: float):
@@ -492,14 +496,16 @@ class QuerierLM(nn.Module):
     general, specific, last_layer, cache = self.model(
         input_ids, positions, key_valid, cache, cache_index)
     if not self.specific_tower:
+      weight = jnp.ones(general.shape[:-1] + (1,), general.dtype)
       merged = general
     elif self.gated_merge:
       both = jnp.concatenate([general, specific], axis=-1).astype(jnp.float32)
       weight = jax.nn.sigmoid(self.gate(both)).astype(general.dtype)
       merged = weight * general + (1 - weight) * specific
     else:
+      weight = jnp.full(general.shape[:-1] + (1,), 0.5, general.dtype)
       merged = (general + specific) / 2
-    return TowerOutputs(general, specific, last_layer, merged), cache
+    return TowerOutputs(general, specific, last_layer, merged, weight), cache
 
   def __call__(self, input_ids, positions, key_valid):
     """Return `(logits [batch, seq, vocab], TowerOutputs)`."""
