@@ -20,6 +20,7 @@ from xfusion_jax.querier import artifacts
 from xfusion_jax.querier import contrastive
 from xfusion_jax.querier import evaluate
 from xfusion_jax.querier import inference
+from xfusion_jax.querier import model as querier_model
 from xfusion_jax.querier import task as querier_task
 from xfusion_jax.train import lm_adapter
 from xfusion_jax.train import loop
@@ -274,9 +275,51 @@ def test_paired_rouge_l_matches_direct_bootstrap():
   assert "bootstrap" not in evaluate.paired_line(skipped)
   assert (f"{got['low']:+.2f} to {got['high']:+.2f}" in
           evaluate.paired_line(got))
-  with pytest.raises(ValueError, match="--bootstrap_resamples=-1"):
+  assert "Of the 40 queriers, A is higher for" in evaluate.paired_line(got)
+
+
+def test_paired_rouge_l_small_cases():
+  # The same replies scored in another order differ in the last bits.
+  tied = evaluate.paired_rouge_l(
+      _rouge_table({"A": [0.1 + 0.2, 5.0, 7.0, 1.0, 2.0],
+                    "B": [0.3, 4.0, 7.0, 1.0, 2.0]}), "A", "B", 1000)
+  assert (tied["higher"], tied["lower"], tied["equal"]) == (1, 0, 4)
+  assert "-0.00" not in evaluate.paired_line(tied)
+  assert "0.00 to +0.60" in evaluate.paired_line(tied)
+  single = evaluate.paired_rouge_l(_rouge_table({"A": [3.0], "B": [1.0]}),
+                                   "A", "B", 1000)
+  assert single["low"] is single["high"] is None
+  line = evaluate.paired_line(single)
+  assert "no interval: it needs at least 5 queriers" in line
+  assert "Of the 1 querier, A is higher for 1" in line
+  for resamples in (-1, 1, 999):
+    with pytest.raises(ValueError, match=f"--bootstrap_resamples={resamples}"):
+      evaluate.evaluate_workdir(
+          "/nonexistent", evaluate.EvalConfig(bootstrap_resamples=resamples))
+  with pytest.raises(ValueError, match="--max_windows=0"):
     evaluate.evaluate_workdir("/nonexistent",
-                              evaluate.EvalConfig(bootstrap_resamples=-1))
+                              evaluate.EvalConfig(max_windows=0))
+  with pytest.raises(ValueError, match="--batch_size=0"):
+    evaluate.evaluate_workdir("/nonexistent",
+                              evaluate.EvalConfig(batch_size=0))
+
+
+def test_gate_weights_average_in_float32(model_dirs):
+  # Summed in bfloat16, hundreds of weights near 0.95 average far below.
+  lm = llm.from_pretrained(model_dirs["llama"], dtype="bfloat16",
+                           load_tokenizer=False)
+  module = querier_model.QuerierLM(lm.config, specific_rank=8,
+                                   gated_merge=True, gate_init_bias=3.0,
+                                   dtype=jnp.bfloat16)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  params = nn.meta.unbox(module.init(
+      jax.random.key(0), ids, ids, jnp.ones((1, 4), bool))["params"])
+  records = [{"conversations": [{"from": "A", "value": "why so?"},
+                                {"from": "R", "value": "because " * 5}],
+              "target_role": "R", "input_role": "A"}] * 24
+  weights = inference.reply_general_weights(lm, module, params, records, 48)
+  assert weights.size > 600
+  assert weights.mean() == pytest.approx(1 / (1 + np.exp(-3.0)), abs=5e-3)
 
 
 def test_evaluate_and_export_cli(model_dirs, tmp_path):

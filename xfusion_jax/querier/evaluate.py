@@ -52,6 +52,14 @@ SWAP_FILE = "querier_swap.jsonl"
 METRIC_NAMES = ("rouge_l",) + tuple(f"bleu_{n}" for n in metrics.BLEU_ORDERS)
 _METRIC_TITLES = {"rouge_l": "R-L", "bleu_1": "B-1", "bleu_2": "B-2",
                   "bleu_3": "B-3", "bleu_4": "B-4"}
+# With fewer resamples the 2.5% and 97.5% quantiles vary with the seed.
+MIN_RESAMPLES = 1000
+# A bootstrap over a handful of queriers gives an interval that looks
+# exact but carries little information.
+MIN_QUERIERS_FOR_INTERVAL = 5
+# Per-querier differences within this are ties: the same replies scored in
+# another order differ in the last bits.
+_TIE = 1e-9
 MEAN_OVER_QUERIERS = "mean over queriers"
 ALL_WINDOWS = "all windows"
 
@@ -167,6 +175,14 @@ def score_table(replies: dict[str, Sequence[str]],
   return table
 
 
+def check_resamples(resamples: int) -> None:
+  """Raise ValueError unless `resamples` is 0 or at least `MIN_RESAMPLES`."""
+  if resamples < 0 or 0 < resamples < MIN_RESAMPLES:
+    raise ValueError(
+        f"--bootstrap_resamples={resamples} is invalid; pass at least "
+        f"{MIN_RESAMPLES} for a stable interval, or 0 to skip it.")
+
+
 def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
                    system: str, baseline: str, resamples: int,
                    confidence: float = 0.95, seed: int = 0
@@ -183,24 +199,31 @@ def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
     `mean`, the interval `low` to `high`, `confidence`, `resamples`,
     `queriers`, and the counts of queriers where `system` is `higher`,
     `lower` or `equal`. `low` and `high` equal `mean` when every querier
-    has the same difference. They are None when `resamples` is 0.
+    has the same difference. They are None when `resamples` is 0 or there
+    are fewer than `MIN_QUERIERS_FOR_INTERVAL` queriers.
+
+  Raises:
+    ValueError: when `resamples` is neither 0 nor at least `MIN_RESAMPLES`.
   """
+  check_resamples(resamples)
   queriers = [row for row in table[system]
               if row not in (MEAN_OVER_QUERIERS, ALL_WINDOWS)]
   diffs = np.array([table[system][q]["rouge_l"] - table[baseline][q]["rouge_l"]
                     for q in queriers])
+  diffs[np.abs(diffs) <= _TIE] = 0.0
   mean = float(diffs.mean())
-  if not resamples:
+  if not resamples or len(queriers) < MIN_QUERIERS_FOR_INTERVAL:
     low = high = None
   elif np.ptp(diffs) == 0:
     # scipy reports NaN for a constant sample, whose resamples all have this
     # mean.
     low = high = mean
   else:
+    # Batches of resamples keep the index array small whatever the count.
     interval = stats.bootstrap(
-        (diffs,), np.mean, n_resamples=resamples, confidence_level=confidence,
-        method="percentile", rng=np.random.default_rng(seed)
-    ).confidence_interval
+        (diffs,), np.mean, n_resamples=resamples, batch=1000,
+        confidence_level=confidence, method="percentile",
+        rng=np.random.default_rng(seed)).confidence_interval
     low, high = float(interval.low), float(interval.high)
   return {"system": system, "baseline": baseline, "mean": mean, "low": low,
           "high": high, "confidence": confidence, "resamples": resamples,
@@ -208,16 +231,28 @@ def paired_rouge_l(table: dict[str, dict[str, dict[str, float]]],
           "lower": int((diffs < 0).sum()), "equal": int((diffs == 0).sum())}
 
 
+def _signed(value: float) -> str:
+  """Format a difference with its sign, and a bare 0.00 when it rounds to 0."""
+  text = f"{value:+.2f}"
+  return "0.00" if float(text) == 0 else text
+
+
 def paired_line(paired: dict[str, Any]) -> str:
   """Return the sentence under the table that states `paired_rouge_l`."""
+  count = paired["queriers"]
   line = (f"{paired['system']} minus {paired['baseline']}, mean ROUGE-L "
-          f"over queriers: {paired['mean']:+.2f}")
+          f"over queriers: {_signed(paired['mean'])}")
   if paired["low"] is not None:
     line += (f" ({paired['confidence']:.0%} bootstrap interval over the "
-             f"{paired['queriers']} queriers, {paired['resamples']} "
-             f"resamples: {paired['low']:+.2f} to {paired['high']:+.2f})")
-  return line + (f"; higher for {paired['higher']} queriers, lower for "
-                 f"{paired['lower']}, equal for {paired['equal']}.\n")
+             f"{count} queriers, {paired['resamples']} resamples: "
+             f"{_signed(paired['low'])} to {_signed(paired['high'])})")
+  elif paired["resamples"]:
+    line += (f" (no interval: it needs at least "
+             f"{MIN_QUERIERS_FOR_INTERVAL} queriers)")
+  return line + (f". Of the {count} {'querier' if count == 1 else 'queriers'}"
+                 f", {paired['system']} is higher for {paired['higher']}, "
+                 f"lower for {paired['lower']} and equal for "
+                 f"{paired['equal']}.\n")
 
 
 def markdown_table(table: dict[str, dict[str, dict[str, float]]],
@@ -272,10 +307,13 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
   if config.swap_windows < 0:
     raise ValueError(f"--swap_windows={config.swap_windows} is negative; "
                      "pass 0 to skip the querier swap, or a window count.")
-  if config.bootstrap_resamples < 0:
-    raise ValueError(
-        f"--bootstrap_resamples={config.bootstrap_resamples} is negative; "
-        "pass 0 to skip the interval, or a resample count such as 10000.")
+  # Checked before any reply is generated, so a bad flag costs nothing.
+  check_resamples(config.bootstrap_resamples)
+  if config.max_windows is not None and config.max_windows < 1:
+    raise ValueError(f"--max_windows={config.max_windows} must be at least "
+                     "1; leave it unset to score every window.")
+  if config.batch_size < 1:
+    raise ValueError(f"--batch_size={config.batch_size} must be at least 1.")
   trained = artifacts.load_workdir(workdir)
   if not trained.specific_tower:
     raise ValueError(
@@ -297,7 +335,10 @@ def evaluate_workdir(workdir: str | os.PathLike[str], config: EvalConfig,
 
   generators = {"zero-shot": inference.ReplyGenerator(trained.lm, **common)}
   if ft_workdir is not None:
-    ft = artifacts.load_workdir(ft_workdir)
+    try:
+      ft = artifacts.load_workdir(ft_workdir)
+    except FileNotFoundError as error:
+      raise FileNotFoundError(f"--ft_workdir: {error}") from error
     if ft.specific_tower:
       raise ValueError(f"--ft_workdir {ft_workdir} has the specific tower; "
                        "FT is a run with config.specific_tower = False.")

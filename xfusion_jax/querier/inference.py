@@ -193,7 +193,8 @@ def reply_general_weights(lm: llm.FrozenLM, module: querier_model.QuerierLM,
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     outputs = module.apply(variables, tokens, positions, valid,
                            method=querier_model.QuerierLM.towers)
-    return outputs.general_weight[..., 0]
+    # Sums over many bfloat16 weights stop growing, so callers get float32.
+    return outputs.general_weight[..., 0].astype(jnp.float32)
 
   # Similar lengths share a batch, cut to one of a few bucket lengths so
   # that few shapes compile.
