@@ -10,7 +10,7 @@ on the same terms.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,20 @@ def _querier_step(module: querier_model.QuerierLM, ids, positions, key_valid,
                   cache, cache_index):
   return module.decode(ids, positions, key_valid, cache, cache_index,
                        last_only=True)
+
+
+def _length_batches(lengths: Sequence[int], batch_size: int
+                    ) -> Iterator[tuple[list[int], list[int]]]:
+  """Yield `(chosen, padded)` index batches, shortest items first.
+
+  Similar lengths share a batch, which keeps its padding short. `padded`
+  is `chosen` with its last index repeated up to `batch_size`, so every
+  call on a batch has one shape.
+  """
+  order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+  for start in range(0, len(order), batch_size):
+    chosen = order[start:start + batch_size]
+    yield chosen, chosen + [chosen[-1]] * (batch_size - len(chosen))
 
 
 class ReplyGenerator:
@@ -144,14 +158,10 @@ class ReplyGenerator:
     pad id.
     """
     prompts = [self.prompt_ids(r) for r in records]
-    # Similar lengths share a batch, which keeps the left padding short.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     generated: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
-    for start in range(0, len(order), self._batch_size):
-      chosen = order[start:start + self._batch_size]
-      rows = [prompts[i] for i in chosen]
-      # A short last batch repeats its last row, so every call has one shape.
-      rows += [rows[-1]] * (self._batch_size - len(rows))
+    for chosen, padded in _length_batches([len(p) for p in prompts],
+                                          self._batch_size):
+      rows = [prompts[i] for i in padded]
       width = -(-max(len(r) for r in rows) // _WIDTH_STEP) * _WIDTH_STEP
       ids = np.full((len(rows), width), self._pad_id, np.int32)
       mask = np.zeros((len(rows), width), np.int32)
@@ -193,19 +203,17 @@ def reply_general_weights(lm: llm.FrozenLM, module: querier_model.QuerierLM,
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     outputs = module.apply(variables, tokens, positions, valid,
                            method=querier_model.QuerierLM.towers)
-    # Sums over many bfloat16 weights stop growing, so callers get float32.
+    # numpy sums in the array's dtype, and a bfloat16 sum of values near 1
+    # stops growing near 256, so callers get float32.
     return outputs.general_weight[..., 0].astype(jnp.float32)
 
-  # Similar lengths share a batch, cut to one of a few bucket lengths so
-  # that few shapes compile.
-  order = sorted(range(len(encoded)), key=lambda i: encoded[i]["valid"].sum())
+  lengths = [int(e["valid"].sum()) for e in encoded]
   found: list[np.ndarray] = [np.zeros(0, np.float32)] * len(encoded)
-  for start in range(0, len(order), batch_size):
-    chosen = order[start:start + batch_size]
-    rows = [encoded[i] for i in chosen]
-    rows += [rows[-1]] * (batch_size - len(rows))
+  for chosen, padded in _length_batches(lengths, batch_size):
+    rows = [encoded[i] for i in padded]
+    # One of a few bucket lengths, so that few shapes compile.
     length = length_groups.bucket_length(
-        max(int(r["valid"].sum()) for r in rows) - 1, seq_len, 4)
+        max(lengths[i] for i in padded) - 1, seq_len, 4)
     tokens = np.stack([r["tokens"][:length] for r in rows])
     valid = np.stack([r["valid"][:length] for r in rows])
     batch_weights = np.asarray(weights(jnp.asarray(tokens),
