@@ -79,5 +79,5 @@ def test_finished_plan_is_freed():
   ref = weakref.ref(plan)
   del plan
   gc.collect()
-  # A cache shared by all plans would still hold it.
+  # A cache shared by all plans would keep it alive.
   assert ref() is None
